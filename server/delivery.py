@@ -1,0 +1,284 @@
+"""Per-node session feeds: detections reach local room members in seq order, exactly once.
+
+Each session watched on this node has a Feed with a cursor: the last seq delivered to its live
+members. Live detections (from this node's commits or from other nodes) are delivered only when
+they are next after the cursor; early ones wait, and a gap that does not close by itself within
+`gap_fill_delay` is read from the EventLog, which holds every acknowledged detection. So a lost or
+late pub/sub message delays a detection but never drops or reorders it.
+
+A joining client replays from the log up to the feed's cursor and is then added to the live set
+with no await in between, so nothing can slip between replay and live delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import socketio
+from engineio import packet as eio_packet
+from socketio import packet as sio_packet
+
+from server import metrics
+from server.protocol import ErrorCode, ProtocolError
+from server.sessions import EventLog, Session, StoredDetection
+
+log = logging.getLogger("testpulse.delivery")
+
+EARLY_MAX = 10_000  # out-of-order detections held per feed before relying on the store alone
+_EMITTED = metrics.EVENTS_EMITTED.labels("detection_event")
+
+
+def session_room(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+@dataclass(eq=False)
+class Feed:
+    session_id: str
+    cursor: int
+    live: dict[str, Any] = field(default_factory=dict)  # sid -> engine.io socket
+    ahead: dict[str, int] = field(default_factory=dict)  # sid -> seq the client already has
+    early: dict[int, StoredDetection] = field(default_factory=dict)
+    joining: int = 0
+    catch_up: asyncio.Task[None] | None = None
+    catch_up_wanted: bool = False
+
+
+class Feeds:
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        log_: EventLog,
+        *,
+        page_size: int,
+        client_queue_max: int,
+        gap_fill_delay: float,
+        on_slow_consumer: Callable[[str], None],
+    ) -> None:
+        self._sio = sio
+        self._log = log_
+        self._page = page_size
+        self._queue_max = client_queue_max
+        self._gap_delay = gap_fill_delay
+        self._on_slow = on_slow_consumer
+        self._feeds: dict[str, Feed] = {}
+        self._memberships: dict[str, set[str]] = {}  # sid -> session ids it joined here
+
+    # ---- membership --------------------------------------------------------------------------
+
+    def attach(self, sid: str) -> None:
+        self._memberships[sid] = set()
+
+    def detach(self, sid: str) -> None:
+        for session_id in self._memberships.pop(sid, set()):
+            self._remove(sid, session_id)
+        self._update_gauges()
+
+    def leave(self, sid: str, session_id: str) -> bool:
+        joined = self._memberships.get(sid)
+        if joined is None or session_id not in joined:
+            return False
+        joined.discard(session_id)
+        self._remove(sid, session_id)
+        self._update_gauges()
+        return True
+
+    def sessions_of(self, sid: str) -> set[str]:
+        return set(self._memberships.get(sid, ()))
+
+    def watched_sessions(self) -> list[str]:
+        return list(self._feeds)
+
+    async def join(self, sid: str, session: Session, last_seq: int | None) -> int:
+        """Replay detections after `last_seq` (none when it is None), then go live. Returns the
+        number replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
+        if last_seq is not None and last_seq > session.last_seq:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq}"
+            )
+        joined = self._memberships.get(sid)
+        if joined is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "client is disconnecting")
+        socket = self._socket(sid)
+        joined.discard(session.id)
+        self._remove(sid, session.id)  # a re-join restarts from the client's new last_seq
+        feed = self._feed(session)
+        feed.joining += 1
+        try:
+            cursor = feed.cursor if last_seq is None else last_seq
+            replayed = 0
+            while cursor < feed.cursor:
+                rows = await self._log.since(session.id, cursor, min(self._page, feed.cursor - cursor))
+                if not rows:
+                    break
+                for row in rows:
+                    if row.seq == cursor + 1:
+                        self._send(socket, "detection_event", row.event())
+                        cursor = row.seq
+                        replayed += 1
+                if sid not in self._memberships or socket.closed:
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, "client disconnected during replay")
+                await self._drain(socket)
+            # From here to the end: no await, so the feed cannot advance under us.
+            if sid not in self._memberships:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "client disconnected during replay")
+            if cursor > feed.cursor:
+                feed.ahead[sid] = cursor
+            feed.live[sid] = socket
+            self._memberships[sid].add(session.id)
+            metrics.REPLAYED.inc(replayed)
+            return replayed
+        finally:
+            feed.joining -= 1
+            self._forget_if_unused(feed)
+            self._update_gauges()
+
+    # ---- live path ---------------------------------------------------------------------------
+
+    def offer(self, session_id: str, items: list[StoredDetection]) -> None:
+        """Hand over detections committed anywhere in the cluster; duplicates and stale ones are ignored."""
+        feed = self._feeds.get(session_id)
+        if feed is None:
+            return
+        for item in items:
+            if item.seq == feed.cursor + 1:
+                self._deliver(feed, item)
+            elif item.seq > feed.cursor and len(feed.early) < EARLY_MAX:
+                feed.early[item.seq] = item
+        self._drain_early(feed)
+        if feed.early:
+            self._want_catch_up(feed, delay=self._gap_delay)
+
+    def resync(self, session_id: str | None = None) -> None:
+        """Read from the log whatever a feed may have missed (after a pub/sub outage, or when a
+        join sees the store ahead of the feed)."""
+        feeds = self._feeds.values() if session_id is None else filter(None, [self._feeds.get(session_id)])
+        for feed in list(feeds):
+            self._want_catch_up(feed, delay=0.0)
+
+    def _want_catch_up(self, feed: Feed, delay: float) -> None:
+        if feed.catch_up is not None:
+            feed.catch_up_wanted = True
+            return
+        feed.catch_up = asyncio.create_task(self._catch_up(feed, delay), name=f"catch-up {feed.session_id}")
+
+    async def _catch_up(self, feed: Feed, delay: float) -> None:
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+                self._drain_early(feed)
+                if not feed.early and not feed.catch_up_wanted:
+                    return
+            while True:
+                feed.catch_up_wanted = False
+                metrics.GAP_FILLS.inc()
+                rows = await self._log.since(feed.session_id, feed.cursor, self._page)
+                for row in rows:
+                    if row.seq == feed.cursor + 1:
+                        self._deliver(feed, row)
+                self._drain_early(feed)
+                if self._feeds.get(feed.session_id) is not feed:
+                    return
+                if len(rows) < self._page and not feed.early and not feed.catch_up_wanted:
+                    return
+        except ProtocolError as exc:
+            log.warning("catch-up of session %s failed (%s); retrying", feed.session_id, exc.message)
+            await asyncio.sleep(0.5)
+            feed.catch_up_wanted = True
+        except Exception:
+            log.exception("catch-up of session %s failed", feed.session_id)
+            await asyncio.sleep(0.5)
+            feed.catch_up_wanted = True
+        finally:
+            feed.catch_up = None
+            if feed.catch_up_wanted and self._feeds.get(feed.session_id) is feed:
+                self._want_catch_up(feed, delay=0.0)
+
+    def _drain_early(self, feed: Feed) -> None:
+        while feed.early:
+            item = feed.early.pop(feed.cursor + 1, None)
+            if item is None:
+                stale = [seq for seq in feed.early if seq <= feed.cursor]
+                for seq in stale:
+                    del feed.early[seq]
+                return
+            self._deliver(feed, item)
+
+    def _deliver(self, feed: Feed, item: StoredDetection) -> None:
+        feed.cursor = item.seq
+        metrics.DELIVERY_LAG_SECONDS.observe(max(0.0, time.time() - item.received_at.timestamp()))
+        if not feed.live:
+            return
+        pkt = self._packet("detection_event", item.event())
+        sent = 0
+        for sid, socket in list(feed.live.items()):
+            if feed.ahead:
+                floor = feed.ahead.get(sid)
+                if floor is not None:
+                    if item.seq <= floor:
+                        continue
+                    del feed.ahead[sid]
+            if socket.closed:
+                continue
+            if socket.queue.qsize() >= self._queue_max:
+                feed.live.pop(sid, None)
+                self._on_slow(sid)
+                continue
+            socket.queue.put_nowait(pkt)
+            sent += 1
+        _EMITTED.inc(sent)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _feed(self, session: Session) -> Feed:
+        feed = self._feeds.get(session.id)
+        if feed is None:
+            feed = self._feeds[session.id] = Feed(session.id, session.last_seq)
+        elif session.last_seq > feed.cursor:
+            # The store is ahead of what reached this node: fetch the difference for everyone.
+            self._want_catch_up(feed, delay=0.0)
+        return feed
+
+    def _remove(self, sid: str, session_id: str) -> None:
+        feed = self._feeds.get(session_id)
+        if feed is None:
+            return
+        feed.live.pop(sid, None)
+        feed.ahead.pop(sid, None)
+        self._forget_if_unused(feed)
+
+    def _forget_if_unused(self, feed: Feed) -> None:
+        if not feed.live and feed.joining == 0 and self._feeds.get(feed.session_id) is feed:
+            del self._feeds[feed.session_id]
+            if feed.catch_up is not None:
+                feed.catch_up.cancel()
+
+    def _socket(self, sid: str) -> Any:
+        eio_sid = self._sio.manager.eio_sid_from_sid(sid, "/")
+        socket = self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if socket is None or socket.closed:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "client is disconnecting")
+        return socket
+
+    def _packet(self, event: str, data: dict[str, Any]) -> eio_packet.Packet:
+        encoded = self._sio.packet_class(sio_packet.EVENT, namespace="/", data=[event, data]).encode()
+        return eio_packet.Packet(eio_packet.MESSAGE, encoded)
+
+    def _send(self, socket: Any, event: str, data: dict[str, Any]) -> None:
+        socket.queue.put_nowait(self._packet(event, data))
+        _EMITTED.inc()
+
+    async def _drain(self, socket: Any) -> None:
+        """Let a replaying client's queue empty below half the limit before the next page."""
+        # Engine.IO's queue has no drain notification, so poll it; replay is not a hot path.
+        while socket.queue.qsize() > self._queue_max // 2 and not socket.closed:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    def _update_gauges(self) -> None:
+        metrics.ROOMS.set(len(self._feeds))
+        metrics.ROOM_MEMBERS.set(sum(len(f.live) for f in self._feeds.values()))

@@ -1,0 +1,48 @@
+"""Every Prometheus metric of a node, in one place. Labels carry bounded values only."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+NODE_INFO = Gauge("testpulse_node_info", "Always 1; labels name this node and its version.", ["node", "version"])
+CONNECTED_CLIENTS = Gauge("testpulse_connected_clients", "Socket.IO clients connected to this node now.", ["transport"])
+CONNECTS = Counter("testpulse_connects_total", "Socket.IO connections accepted.")
+DISCONNECTS = Counter("testpulse_disconnects_total", "Socket.IO disconnections, by reason.", ["reason"])
+CONNECT_REFUSED = Counter("testpulse_connect_refused_total", "Connections refused, by contract code.", ["code"])
+EVENTS_RECEIVED = Counter(
+    "testpulse_events_received_total",
+    "Client events handled, by event and outcome (ok or error code).",
+    ["event", "outcome"],
+)
+EVENTS_EMITTED = Counter("testpulse_events_emitted_total", "Server events sent to clients, by event.", ["event"])
+HANDLER_SECONDS = Histogram(
+    "testpulse_handler_seconds",
+    "Time to handle one client event or HTTP call, by event.",
+    ["event"],
+    buckets=LATENCY_BUCKETS,
+)
+DETECTIONS_STORED = Counter("testpulse_detections_stored_total", "Detections committed to the store by this node.")
+STORE_WRITE_SECONDS = Histogram(
+    "testpulse_store_write_seconds", "Time of one group-commit transaction of detections.", buckets=LATENCY_BUCKETS
+)
+STORE_BATCH_SIZE = Histogram(
+    "testpulse_store_batch_size",
+    "Detections committed per store transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+)
+WRITE_QUEUE_REJECTED = Counter(
+    "testpulse_write_queue_rejected_total", "Publishes refused with `unavailable` because the store queue was full."
+)
+DELIVERY_LAG_SECONDS = Histogram(
+    "testpulse_delivery_lag_seconds", "From a detection's store time to its emit on this node.", buckets=LATENCY_BUCKETS
+)
+REPLAYED = Counter("testpulse_replayed_detections_total", "Detections replayed to joining clients from the store.")
+GAP_FILLS = Counter("testpulse_gap_fills_total", "Reads from the store to fill a gap in the live detection stream.")
+RATE_LIMITED = Counter("testpulse_rate_limited_total", "Events or handshakes refused with `rate_limited`.", ["kind"])
+SLOW_CONSUMERS = Counter(
+    "testpulse_slow_consumer_disconnects_total", "Clients disconnected because their outgoing queue overflowed."
+)
+ROOMS = Gauge("testpulse_rooms", "Session rooms with at least one member on this node.")
+ROOM_MEMBERS = Gauge("testpulse_room_members", "Session memberships (client x session) on this node.")

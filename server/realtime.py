@@ -1,0 +1,307 @@
+"""Socket.IO handlers: authenticate, rate-limit, validate, call the hub, answer; nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import socketio
+
+from server import metrics
+from server.auth import Action, AuthError, Principal, TokenVerifier
+from server.delivery import Feeds, session_room
+from server.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    JoinRequest,
+    ProtocolError,
+    PublishRequest,
+    SessionRef,
+    StartRequest,
+    StopRequest,
+)
+from server.ratelimit import KeyedLimiter, TokenBucket
+from server.sessions import Hub, Status, iso, utcnow
+from server.settings import Settings
+
+log = logging.getLogger("testpulse.realtime")
+
+# Set per incoming event by TestpulseServer: whether the client asked for an acknowledgement.
+_wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", default=False)
+
+
+class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
+    """AsyncServer that tells handlers whether the client sent an ack callback, because the
+    contract reports a failure as an `error` event exactly when there is no ack to carry it."""
+
+    async def _handle_event_internal(
+        self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None
+    ) -> None:
+        _wants_ack.set(id is not None)
+        await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+
+
+class Refused(socketio.exceptions.ConnectionRefusedError):  # type: ignore[misc]
+    """connect_error whose data is {code, message}. `data` repeats both for socket.io-client
+    (JavaScript), which exposes only `message` and `data` of the error packet."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.error_args = {"code": code, "message": message, "data": {"code": code, "message": message}}
+
+
+@dataclass(slots=True)
+class Connection:
+    principal: Principal
+    bucket: TokenBucket
+    transport: str
+    expiry: asyncio.TimerHandle | None = None
+
+
+Handler = Callable[[str, Connection, Any], Awaitable[dict[str, Any]]]
+
+
+def client_address(environ: dict[str, Any]) -> str:
+    # Behind our nginx, X-Real-IP is set by the proxy itself; direct clients have REMOTE_ADDR.
+    return str(environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR") or "unknown")
+
+
+def bearer_token(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+class Realtime:
+    def __init__(
+        self,
+        sio: TestpulseServer,
+        hub: Hub,
+        feeds: Feeds,
+        verifier: TokenVerifier,
+        settings: Settings,
+        is_draining: Callable[[], bool],
+    ) -> None:
+        self.sio = sio
+        self.hub = hub
+        self.feeds = feeds
+        self.verifier = verifier
+        self.settings = settings
+        self.is_draining = is_draining
+        self.connections: dict[str, Connection] = {}
+        self._handshakes = KeyedLimiter(settings.connect_rate_per_second, settings.connect_rate_burst)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        sio.on("connect", self.connect)
+        sio.on("disconnect", self.disconnect)
+        sio.on("*", self.unknown_event)
+        for event, handler in self.handlers().items():
+            sio.on(event, self._wrap(event, handler))
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "join_session": self.join_session,
+            "leave_session": self.leave_session,
+            "start_test_session": self.start_session,
+            "pause_test_session": self._transition_to(Status.PAUSED),
+            "resume_test_session": self._transition_to(Status.RUNNING),
+            "stop_test_session": self.stop_session,
+            "publish_detection": self.publish_detection,
+            "publish_detections": self.publish_detections,
+        }
+
+    # ---- connection lifecycle ----------------------------------------------------------------
+
+    async def connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        try:
+            principal = self._admit(environ, auth)
+        except Refused as exc:
+            metrics.CONNECT_REFUSED.labels(exc.error_args["code"]).inc()
+            raise
+        conn = Connection(
+            principal,
+            TokenBucket(self.settings.rate_limit_per_second, self.settings.rate_limit_burst),
+            # The transport at handshake: an upgrade later does not move a client between series.
+            transport=self.sio.transport(sid),
+        )
+        self.connections[sid] = conn
+        self.feeds.attach(sid)
+        loop = asyncio.get_running_loop()
+        delay = principal.expires_at - time.time() + self.settings.token_check_leeway_seconds
+        conn.expiry = loop.call_later(max(0.0, delay), self._expire, sid)
+        metrics.CONNECTS.inc()
+        metrics.CONNECTED_CLIENTS.labels(conn.transport).inc()
+        self._spawn(self._greet(sid))
+
+    def _admit(self, environ: dict[str, Any], auth: Any) -> Principal:
+        if self.is_draining():
+            raise Refused("server_draining", "this node is draining; reconnect to another node")
+        if not self._handshakes.allow(client_address(environ)):
+            metrics.RATE_LIMITED.labels("handshake").inc()
+            raise Refused("rate_limited", "too many connection attempts; back off and retry")
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is None:
+            token = bearer_token(environ.get("HTTP_AUTHORIZATION"))
+        try:
+            return self.verifier.verify(token)
+        except AuthError as exc:
+            raise Refused(exc.code, exc.message) from None
+
+    async def _greet(self, sid: str) -> None:
+        # connection_status must follow the CONNECT packet, which the server sends after this
+        # handler returns; wait for the manager to register the connection (a few loop turns).
+        for _ in range(1000):
+            if self.sio.manager.is_connected(sid, "/"):
+                break
+            await asyncio.sleep(0.001)
+        else:
+            return
+        await self.sio.emit(
+            "connection_status",
+            {
+                "status": "connected",
+                "sid": sid,
+                "node": self.settings.node_id,
+                "server_time": iso(utcnow()),
+                "protocol": PROTOCOL_VERSION,
+            },
+            to=sid,
+        )
+        metrics.EVENTS_EMITTED.labels("connection_status").inc()
+
+    async def disconnect(self, sid: str, reason: Any = None) -> None:
+        conn = self.connections.pop(sid, None)
+        if conn is None:
+            return
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        self.feeds.detach(sid)
+        metrics.DISCONNECTS.labels(_reason_label(reason)).inc()
+        metrics.CONNECTED_CLIENTS.labels(conn.transport).dec()
+
+    def _expire(self, sid: str) -> None:
+        self._spawn(self._drop(sid, "auth_expired", "token has expired; reconnect with a fresh one"))
+
+    def drop_slow_consumer(self, sid: str) -> None:
+        metrics.SLOW_CONSUMERS.inc()
+        self._spawn(
+            self._drop(sid, ErrorCode.SLOW_CONSUMER, "your queue overflowed; reconnect and rejoin with last_seq")
+        )
+
+    async def _drop(self, sid: str, code: str, message: str) -> None:
+        if sid not in self.connections:
+            return
+        self.feeds.detach(sid)
+        await self.sio.emit("error", {"code": code, "message": message}, to=sid)
+        await self.sio.disconnect(sid)
+
+    async def disconnect_all(self, code: str, message: str) -> None:
+        """Ask every client of this node to go elsewhere (used when draining)."""
+        await asyncio.gather(*(self._drop(sid, code, message) for sid in list(self.connections)))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- event plumbing ----------------------------------------------------------------------
+
+    def _wrap(self, event: str, handler: Handler) -> Callable[..., Awaitable[dict[str, Any] | None]]:
+        received_ok = metrics.EVENTS_RECEIVED.labels(event, "ok")
+        latency = metrics.HANDLER_SECONDS.labels(event)
+
+        async def on_event(sid: str, *args: Any) -> dict[str, Any] | None:
+            started = time.perf_counter()
+            wants_ack = _wants_ack.get()
+            try:
+                conn = self.connections.get(sid)
+                if conn is None:
+                    raise ProtocolError(ErrorCode.UNAVAILABLE, "connection is closing")
+                if conn.principal.expires_at + self.settings.token_check_leeway_seconds < time.time():
+                    self._expire(sid)
+                    raise ProtocolError(ErrorCode.UNAUTHORIZED, "token has expired")
+                if not conn.bucket.take():
+                    metrics.RATE_LIMITED.labels("event").inc()
+                    raise ProtocolError(ErrorCode.RATE_LIMITED, "too many events; slow down")
+                # Handlers reach their first real await (the store queue) without yielding, so
+                # events from one client are queued for the store in the order they were sent.
+                answer = await handler(sid, conn, args[0] if args else None)
+                received_ok.inc()
+                return {"ok": True, **answer} if wants_ack else None
+            except ProtocolError as exc:
+                metrics.EVENTS_RECEIVED.labels(event, exc.code.value).inc()
+                return await self._fail(sid, event, exc, wants_ack)
+            except Exception:
+                log.exception("handler %s failed", event)
+                metrics.EVENTS_RECEIVED.labels(event, ErrorCode.INTERNAL.value).inc()
+                return await self._fail(sid, event, ProtocolError(ErrorCode.INTERNAL, "internal error"), wants_ack)
+            finally:
+                latency.observe(time.perf_counter() - started)
+
+        return on_event
+
+    async def _fail(self, sid: str, event: str, exc: ProtocolError, wants_ack: bool) -> dict[str, Any] | None:
+        if wants_ack:
+            return {"ok": False, "error": exc.as_dict()}
+        await self.sio.emit("error", {**exc.as_dict(), "event": event}, to=sid)
+        metrics.EVENTS_EMITTED.labels("error").inc()
+        return None
+
+    async def unknown_event(self, event: Any, sid: str, *args: Any) -> dict[str, Any] | None:
+        metrics.EVENTS_RECEIVED.labels("unknown", ErrorCode.BAD_REQUEST.value).inc()
+        exc = ProtocolError(ErrorCode.BAD_REQUEST, f"event: unknown event {str(event)[:64]!r}")
+        return await self._fail(sid, "unknown", exc, _wants_ack.get())
+
+    # ---- events ------------------------------------------------------------------------------
+
+    async def join_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        req = JoinRequest.parse(payload)
+        session = await self.hub.get(conn.principal, req.session_id)
+        await self.sio.enter_room(sid, session_room(session.id))
+        replayed = await self.feeds.join(sid, session, req.last_seq)
+        return {"session": session.view(), "replayed": replayed}
+
+    async def leave_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        req = SessionRef.parse(payload)
+        self.feeds.leave(sid, req.session_id)
+        await self.sio.leave_room(sid, session_room(req.session_id))
+        return {}
+
+    async def start_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        req = StartRequest.parse(payload)
+        session = await self.hub.start(conn.principal, req)
+        await self.sio.enter_room(sid, session_room(session.id))
+        await self.feeds.join(sid, session, None)
+        return {"session": session.view()}
+
+    def _transition_to(self, target: Status) -> Handler:
+        async def change(sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+            req = SessionRef.parse(payload)
+            session = await self.hub.transition(conn.principal, req.session_id, target)
+            return {"session": session.view()}
+
+        return change
+
+    async def stop_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        req = StopRequest.parse(payload)
+        session = await self.hub.transition(conn.principal, req.session_id, Status.STOPPED, req.reason)
+        return {"session": session.view()}
+
+    async def publish_detection(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        conn.principal.require(Action.PUBLISH)
+        stored = await self.hub.publish(conn.principal, PublishRequest.parse_one(payload))
+        return {"seq": stored[0].seq}
+
+    async def publish_detections(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        conn.principal.require(Action.PUBLISH)
+        stored = await self.hub.publish(conn.principal, PublishRequest.parse_batch(payload))
+        return {"first_seq": stored[0].seq, "last_seq": stored[-1].seq}
+
+
+def _reason_label(reason: Any) -> str:
+    text = str(reason or "unknown").lower().replace(" ", "_")
+    return text if len(text) <= 32 else "other"

@@ -1,0 +1,236 @@
+"""The domain: session state machine, detections and their seq; no socket.io, Starlette or SQL here."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from server.auth import Action, Principal
+from server.protocol import (
+    DetectionIn,
+    ErrorCode,
+    ProtocolError,
+    PublishRequest,
+    StartRequest,
+)
+
+
+class Status(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.CREATED: frozenset({Status.RUNNING}),
+    Status.RUNNING: frozenset({Status.PAUSED, Status.STOPPED}),
+    Status.PAUSED: frozenset({Status.RUNNING, Status.STOPPED}),
+    Status.STOPPED: frozenset(),
+}
+
+# The audit log names control actions by the verb the operator used.
+ACTIONS: dict[tuple[Status, Status], str] = {
+    (Status.CREATED, Status.RUNNING): "start",
+    (Status.RUNNING, Status.PAUSED): "pause",
+    (Status.PAUSED, Status.RUNNING): "resume",
+    (Status.RUNNING, Status.STOPPED): "stop",
+    (Status.PAUSED, Status.STOPPED): "stop",
+}
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    name: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    last_seq: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "last_seq": self.last_seq,
+            "config": self.config,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDetection:
+    session_id: str
+    seq: int
+    label: str
+    confidence: float
+    bbox: list[float] | None
+    frame: int | None
+    ts: float | None
+    attributes: dict[str, Any] | None
+    received_at: datetime
+
+    def event(self) -> dict[str, Any]:
+        """The `detection_event` payload."""
+        return {
+            "session_id": self.session_id,
+            "seq": self.seq,
+            "label": self.label,
+            "confidence": self.confidence,
+            "bbox": self.bbox,
+            "frame": self.frame,
+            "ts": self.ts,
+            "attributes": self.attributes,
+            "received_at": iso(self.received_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    session: Session
+    previous: Status
+    actor: str
+
+    def update(self) -> dict[str, Any]:
+        """The `test_session_update` payload."""
+        return {
+            "session_id": self.session.id,
+            "status": self.session.status.value,
+            "previous_status": self.previous.value,
+            "updated_at": iso(self.session.updated_at),
+            "actor": self.actor,
+        }
+
+
+class SessionStore(Protocol):
+    """Durable sessions and their audit trail.
+
+    Every status change is a compare-and-set: it happens only if the stored status is still the
+    one the caller saw, and its audit row commits in the same transaction. Of two nodes racing to
+    change one session, exactly one wins.
+    """
+
+    async def create(self, session: Session, actor: str) -> None: ...
+
+    async def get(self, session_id: str) -> Session | None: ...
+
+    async def list(self, only: frozenset[str] | None, limit: int) -> list[Session]: ...
+
+    async def change_status(
+        self, session_id: str, expected: Status, target: Status, actor: str, reason: str | None
+    ) -> Session | None:
+        """The updated session, or None when the status was no longer `expected`."""
+        ...
+
+
+class EventLog(Protocol):
+    """Durable, per-session ordered log of detections.
+
+    append() assigns consecutive seq numbers atomically and only while the session is running:
+    two nodes appending to the same session concurrently never get the same seq and never leave a
+    gap, and nothing is appended after a stop commits. It raises ProtocolError(not_found |
+    session_not_running | unavailable).
+    """
+
+    async def append(self, session_id: str, items: Sequence[DetectionIn]) -> list[StoredDetection]: ...
+
+    async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]: ...
+
+
+class Broadcast(Protocol):
+    """Delivers domain events to every member of a session's room on every node.
+
+    detections() is called in seq order per session from one node; receivers reorder across nodes
+    and fill gaps from the EventLog, so a lost call delays delivery but never loses a detection.
+    """
+
+    async def session_changed(self, transition: Transition) -> None: ...
+
+    async def detections(self, session_id: str, items: list[StoredDetection]) -> None: ...
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(12)
+
+
+class Hub:
+    """Every use case of the contract, whichever transport asked."""
+
+    def __init__(self, sessions: SessionStore, log: EventLog, broadcast: Broadcast) -> None:
+        self._sessions = sessions
+        self._log = log
+        self._broadcast = broadcast
+
+    async def get(self, who: Principal, session_id: str) -> Session:
+        who.require(Action.WATCH, session_id)
+        return await self._existing(session_id)
+
+    async def list(self, who: Principal, limit: int = 1000) -> list[Session]:
+        who.require(Action.WATCH)
+        return await self._sessions.list(who.sessions, limit)
+
+    async def events(self, who: Principal, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
+        await self.get(who, session_id)
+        return await self._log.since(session_id, after_seq, limit)
+
+    async def create(self, who: Principal, name: str | None, config: dict[str, Any] | None) -> Session:
+        who.require(Action.CONTROL)
+        if who.sessions is not None:
+            # Ids are minted here, so a token limited to a list of sessions can never name a new one.
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, "token is limited to its listed sessions and may not create new ones"
+            )
+        now = utcnow()
+        session = Session(new_session_id(), name or "", Status.CREATED, now, now, 0, config or {})
+        await self._sessions.create(session, who.sub)
+        return session
+
+    async def start(self, who: Principal, req: StartRequest) -> Session:
+        if req.session_id is None:
+            created = await self.create(who, req.name, req.config)
+            return await self.transition(who, created.id, Status.RUNNING)
+        return await self.transition(who, req.session_id, Status.RUNNING)
+
+    async def transition(self, who: Principal, session_id: str, target: Status, reason: str | None = None) -> Session:
+        who.require(Action.CONTROL, session_id)
+        session = await self._existing(session_id)
+        # A lost compare-and-set means another node moved the session meanwhile: judge again on fresh state.
+        for _ in range(3):
+            if target not in ALLOWED[session.status]:
+                raise ProtocolError(
+                    ErrorCode.INVALID_TRANSITION,
+                    f"session '{session_id}' is {session.status.value}; it cannot become {target.value}",
+                )
+            changed = await self._sessions.change_status(session_id, session.status, target, who.sub, reason)
+            if changed is not None:
+                await self._broadcast.session_changed(Transition(changed, session.status, who.sub))
+                return changed
+            session = await self._existing(session_id)
+        raise ProtocolError(ErrorCode.UNAVAILABLE, f"session '{session_id}' is changing too fast; retry")
+
+    async def publish(self, who: Principal, req: PublishRequest) -> list[StoredDetection]:
+        who.require(Action.PUBLISH, req.session_id)
+        stored = await self._log.append(req.session_id, req.detections)
+        await self._broadcast.detections(req.session_id, stored)
+        return stored
+
+    async def _existing(self, session_id: str) -> Session:
+        session = await self._sessions.get(session_id)
+        if session is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"session '{session_id}' does not exist")
+        return session

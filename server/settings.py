@@ -1,0 +1,197 @@
+"""One validated Settings object, read once from TESTPULSE_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+DEV_JWT_SECRET = "testpulse-dev-secret-change-me-0123456789"
+SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, malformed or unsafe; the message names the variable."""
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a node. Field docs become the configuration reference (see `testpulse config`)."""
+
+    env: str = field(
+        default="development", metadata={"doc": "`development` or `production`; production refuses unsafe values"}
+    )
+    jwt_secret: str = field(default=DEV_JWT_SECRET, metadata={"doc": "HMAC secret that signs and verifies tokens"})
+    jwt_algorithms: tuple[str, ...] = field(
+        default=("HS256",),
+        metadata={"doc": "accepted JWT algorithms, comma separated; tokens are signed with the first"},
+    )
+    jwt_audience: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `aud`"})
+    jwt_issuer: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `iss`"})
+    jwt_leeway_seconds: float = field(default=0.0, metadata={"doc": "clock skew tolerated on `exp`, `nbf` and `iat`"})
+    database_url: str = field(
+        default="sqlite+aiosqlite:///./testpulse.db",
+        metadata={"doc": "SQLAlchemy async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`"},
+    )
+    database_pool_size: int = field(default=10, metadata={"doc": "connections per node (PostgreSQL)"})
+    database_timeout_seconds: float = field(
+        default=5.0, metadata={"doc": "longest wait for one database operation before `unavailable`"}
+    )
+    redis_url: str | None = field(
+        default=None, metadata={"doc": "Redis URL that joins nodes into a cluster; unset runs a single node"}
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=("*",),
+        metadata={"doc": "CORS/WebSocket origins allowed, comma separated (`*` for any, refused in production)"},
+    )
+    max_payload_bytes: int = field(
+        default=1_048_576, metadata={"doc": "largest Socket.IO message or HTTP body accepted"}
+    )
+    rate_limit_per_second: float = field(default=200.0, metadata={"doc": "sustained events per second per connection"})
+    rate_limit_burst: int = field(
+        default=400, metadata={"doc": "events a connection may send at once above the sustained rate"}
+    )
+    connect_rate_per_second: float = field(
+        default=500.0, metadata={"doc": "handshakes per second a node accepts per client address"}
+    )
+    connect_rate_burst: int = field(default=1000, metadata={"doc": "handshake burst per client address"})
+    replay_page_size: int = field(default=500, metadata={"doc": "detections read from the store per replay page"})
+    write_batch_max: int = field(default=2000, metadata={"doc": "most detections committed in one store transaction"})
+    write_queue_max: int = field(
+        default=20_000, metadata={"doc": "detections waiting for the store before publishers get `unavailable`"}
+    )
+    client_queue_max: int = field(
+        default=5000, metadata={"doc": "packets queued for one slow client before it is disconnected"}
+    )
+    gap_fill_delay_seconds: float = field(
+        default=0.05, metadata={"doc": "wait for a missing seq to arrive before reading it from the store"}
+    )
+    token_check_leeway_seconds: float = field(
+        default=1.0, metadata={"doc": "a connection is closed at most this long after its token expires"}
+    )
+    ping_interval_seconds: float = field(default=25.0, metadata={"doc": "Engine.IO ping interval"})
+    ping_timeout_seconds: float = field(default=20.0, metadata={"doc": "Engine.IO ping timeout"})
+    shutdown_timeout_seconds: float = field(default=10.0, metadata={"doc": "longest graceful shutdown"})
+    node_id: str = field(
+        default_factory=_default_node_id,
+        metadata={"doc": "this node's name in `connection_status` and metrics (default host-pid)"},
+    )
+    log_level: str = field(default="info", metadata={"doc": "log level: debug, info, warning, error"})
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read TESTPULSE_* variables; explicit overrides (from CLI flags) win. Validates everything."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _PARSERS.get(f.name, _parser_for(f))(env_name(f.name), raw.strip())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise SettingsError(f"{env_name(name)}: {why}")
+
+        if self.env not in ("development", "production"):
+            fail("env", f"must be 'development' or 'production', got {self.env!r}")
+        if not self.jwt_algorithms:
+            fail("jwt_algorithms", "at least one algorithm is required")
+        for alg in self.jwt_algorithms:
+            if alg not in SUPPORTED_ALGORITHMS:
+                fail("jwt_algorithms", f"{alg!r} is not supported (use {', '.join(SUPPORTED_ALGORITHMS)})")
+        if len(self.jwt_secret) < 32:
+            fail("jwt_secret", "must be at least 32 characters")
+        if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            fail("database_url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            fail("redis_url", "must start with redis://, rediss:// or unix://")
+        positive = (
+            "max_payload_bytes",
+            "rate_limit_per_second",
+            "rate_limit_burst",
+            "connect_rate_per_second",
+            "connect_rate_burst",
+            "replay_page_size",
+            "write_batch_max",
+            "write_queue_max",
+            "client_queue_max",
+            "ping_interval_seconds",
+            "ping_timeout_seconds",
+            "database_pool_size",
+            "database_timeout_seconds",
+            "shutdown_timeout_seconds",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                fail(name, "must be greater than 0")
+        for name in ("jwt_leeway_seconds", "gap_fill_delay_seconds", "token_check_leeway_seconds"):
+            if getattr(self, name) < 0:
+                fail(name, "must not be negative")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            fail("log_level", "must be one of debug, info, warning, error")
+        if not self.node_id or len(self.node_id) > 64:
+            fail("node_id", "must be 1 to 64 characters")
+        if self.production:
+            if self.jwt_secret == DEV_JWT_SECRET:
+                fail("jwt_secret", "the development default is refused in production; set a secret of your own")
+            if not self.allowed_origins:
+                fail("allowed_origins", "an empty origin list is refused in production")
+            if "*" in self.allowed_origins:
+                fail("allowed_origins", "'*' is refused in production; list the dashboard origins")
+
+
+def env_name(field_name: str) -> str:
+    return "TESTPULSE_" + field_name.upper()
+
+
+def _number(kind: Callable[[str], T]) -> Callable[[str, str], T]:
+    def parse(name: str, raw: str) -> T:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+
+    return parse
+
+
+def _csv(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str, str], Any]:
+    annotation = str(f.type)
+    if annotation.startswith("tuple"):
+        return _csv
+    if annotation == "int":
+        return _number(int)
+    if annotation == "float":
+        return _number(float)
+    return _text
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {"env": lambda name, raw: raw.lower()}

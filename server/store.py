@@ -1,0 +1,380 @@
+"""SQLModel tables and the SQL implementation of SessionStore and EventLog (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Float, event, func, select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlmodel import Field, SQLModel
+
+from server.protocol import DetectionIn, ErrorCode, ProtocolError
+from server.sessions import ACTIONS, Session, Status, StoredDetection, utcnow
+
+log = logging.getLogger("testpulse.store")
+
+SCHEMA_VERSION = 1
+
+
+class SessionRow(SQLModel, table=True):
+    __tablename__ = "test_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(default="", max_length=200)
+    status: str = Field(max_length=16, index=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The session row is the seq counter: appends bump it in the transaction that inserts the rows.
+    last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class DetectionRow(SQLModel, table=True):
+    __tablename__ = "detections"
+
+    session_id: str = Field(primary_key=True, foreign_key="test_sessions.id", max_length=64)
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    label: str = Field(max_length=128)
+    confidence: float = Field(sa_column=Column(Float, nullable=False))
+    bbox: list[float] | None = Field(default=None, sa_column=Column(JSON))
+    frame: int | None = Field(default=None, sa_column=Column(BigInteger))
+    # JSON keeps the publisher's number exactly as sent (int stays int), so `ts` echoes unchanged.
+    ts: float | None = Field(default=None, sa_column=Column(JSON))
+    attributes: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class AuditRow(SQLModel, table=True):
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(index=True, max_length=64)
+    action: str = Field(max_length=16)
+    actor: str = Field(max_length=256)
+    from_status: str | None = Field(default=None, max_length=16)
+    to_status: str = Field(max_length=16)
+    reason: str | None = Field(default=None, max_length=500)
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class SchemaVersionRow(SQLModel, table=True):
+    __tablename__ = "schema_version"
+
+    version: int = Field(primary_key=True)
+    applied_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+sessions_t = SessionRow.__table__  # type: ignore[attr-defined]
+detections_t = DetectionRow.__table__  # type: ignore[attr-defined]
+audit_t = AuditRow.__table__  # type: ignore[attr-defined]
+schema_t = SchemaVersionRow.__table__  # type: ignore[attr-defined]
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; everything is stored in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _session(row: Any) -> Session:
+    return Session(
+        id=row.id,
+        name=row.name,
+        status=Status(row.status),
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+        last_seq=row.last_seq,
+        config=row.config or {},
+    )
+
+
+def _detection(row: Any) -> StoredDetection:
+    return StoredDetection(
+        session_id=row.session_id,
+        seq=row.seq,
+        label=row.label,
+        confidence=row.confidence,
+        bbox=row.bbox,
+        frame=row.frame,
+        ts=row.ts,
+        attributes=row.attributes,
+        received_at=_aware(row.received_at),
+    )
+
+
+class Database:
+    """Async engines over one URL. SQLite gets a writer engine whose transactions take the write
+    lock up front (BEGIN IMMEDIATE), so two processes never deadlock upgrading a read lock."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.writer = self._sqlite_engine(url, immediate=True)
+            self.reader = self._sqlite_engine(url, immediate=False)
+        else:
+            self.writer = create_async_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=timeout
+            )
+            self.reader = self.writer
+
+    def _sqlite_engine(self, url: str, *, immediate: bool) -> AsyncEngine:
+        engine = create_async_engine(url, connect_args={"timeout": self.timeout})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Hand transaction control to the "begin" hook below instead of pysqlite's own.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL survives a killed process; only an OS crash may lose the last commits.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._guard(), self.writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self._guard(), self.reader.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Turn a slow or failed database into the contract's `unavailable`."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield
+        except TimeoutError:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the database did not answer in time; retry") from None
+        except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
+            log.warning("database error: %s", exc)
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry") from None
+
+    async def create_schema(self) -> None:
+        """Create missing tables; safe when several nodes start at once."""
+        async with self._guard(), self.writer.begin() as conn:
+            if not self.is_sqlite:
+                # Serialises concurrent node starts; SQLite's BEGIN IMMEDIATE already does.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            await conn.run_sync(SQLModel.metadata.create_all)
+            current = (await conn.execute(select(func.max(schema_t.c.version)))).scalar()
+            if current is None:
+                await conn.execute(schema_t.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
+            elif current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database schema is version {current}, newer than this build ({SCHEMA_VERSION}); upgrade testpulse"
+                )
+
+    async def ping(self) -> None:
+        async with self.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+class SqlStore:
+    """SessionStore and EventLog over SQL; see their Protocols in sessions.py for the guarantees."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ---- SessionStore ------------------------------------------------------------------------
+
+    async def create(self, session: Session, actor: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                sessions_t.insert().values(
+                    id=session.id,
+                    name=session.name,
+                    status=session.status.value,
+                    config=session.config,
+                    last_seq=0,
+                    created_at=session.created_at,
+                    updated_at=session.updated_at,
+                )
+            )
+            await conn.execute(
+                audit_t.insert().values(
+                    session_id=session.id,
+                    action="create",
+                    actor=actor[:256],
+                    from_status=None,
+                    to_status=session.status.value,
+                    reason=None,
+                    at=session.created_at,
+                )
+            )
+
+    async def get(self, session_id: str) -> Session | None:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(sessions_t).where(sessions_t.c.id == session_id))).first()
+        return None if row is None else _session(row)
+
+    async def list(self, only: frozenset[str] | None, limit: int) -> list[Session]:
+        query = select(sessions_t).order_by(sessions_t.c.created_at.desc(), sessions_t.c.id).limit(limit)
+        if only is not None:
+            query = query.where(sessions_t.c.id.in_(sorted(only)))
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_session(row) for row in rows]
+
+    async def change_status(
+        self, session_id: str, expected: Status, target: Status, actor: str, reason: str | None
+    ) -> Session | None:
+        now = utcnow()
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(sessions_t)
+                    .where(sessions_t.c.id == session_id, sessions_t.c.status == expected.value)
+                    .values(status=target.value, updated_at=now)
+                    .returning(*sessions_t.c)
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(
+                audit_t.insert().values(
+                    session_id=session_id,
+                    action=_action(expected, target),
+                    actor=actor[:256],
+                    from_status=expected.value,
+                    to_status=target.value,
+                    reason=reason,
+                    at=now,
+                )
+            )
+        return _session(row)
+
+    async def audit(self, session_id: str) -> list[dict[str, Any]]:
+        query = select(audit_t).where(audit_t.c.session_id == session_id).order_by(audit_t.c.id)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            {
+                "action": r.action,
+                "actor": r.actor,
+                "from_status": r.from_status,
+                "to_status": r.to_status,
+                "reason": r.reason,
+                "at": _aware(r.at),
+            }
+            for r in rows
+        ]
+
+    # ---- EventLog ----------------------------------------------------------------------------
+
+    async def append(self, session_id: str, items: Sequence[DetectionIn]) -> list[StoredDetection]:
+        outcome = await self.append_many([(session_id, items)])
+        result = outcome[0]
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    async def append_many(
+        self, requests: Sequence[tuple[str, Sequence[DetectionIn]]]
+    ) -> list[list[StoredDetection] | ProtocolError]:
+        """Append several requests in one transaction (group commit). Each request gets its own
+        outcome; a request for a session that is not running fails alone. Sessions are locked in
+        id order so that two nodes committing overlapping groups cannot deadlock."""
+        outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
+        by_session: dict[str, list[int]] = {}
+        for index, (session_id, _) in enumerate(requests):
+            by_session.setdefault(session_id, []).append(index)
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        async with self.db.write() as conn:
+            for session_id in sorted(by_session):
+                indexes = by_session[session_id]
+                count = sum(len(requests[i][1]) for i in indexes)
+                last = (
+                    await conn.execute(
+                        update(sessions_t)
+                        .where(sessions_t.c.id == session_id, sessions_t.c.status == Status.RUNNING.value)
+                        .values(last_seq=sessions_t.c.last_seq + count)
+                        .returning(sessions_t.c.last_seq)
+                    )
+                ).scalar()
+                if last is None:
+                    error = await self._why_not_running(conn, session_id)
+                    for i in indexes:
+                        outcomes[i] = error
+                    continue
+                seq = last - count
+                for i in indexes:
+                    stored = []
+                    for item in requests[i][1]:
+                        seq += 1
+                        stored.append(
+                            StoredDetection(
+                                session_id,
+                                seq,
+                                item.label,
+                                item.confidence,
+                                item.bbox,
+                                item.frame,
+                                item.ts,
+                                item.attributes,
+                                now,
+                            )
+                        )
+                    outcomes[i] = stored
+                    rows.extend(_detection_row(d) for d in stored)
+            if rows:
+                await conn.execute(detections_t.insert(), rows)
+        return outcomes
+
+    async def _why_not_running(self, conn: AsyncConnection, session_id: str) -> ProtocolError:
+        status = (await conn.execute(select(sessions_t.c.status).where(sessions_t.c.id == session_id))).scalar()
+        if status is None:
+            return ProtocolError(ErrorCode.NOT_FOUND, f"session '{session_id}' does not exist")
+        return ProtocolError(ErrorCode.SESSION_NOT_RUNNING, f"session '{session_id}' is {status}, not running")
+
+    async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
+        query = (
+            select(detections_t)
+            .where(detections_t.c.session_id == session_id, detections_t.c.seq > after_seq)
+            .order_by(detections_t.c.seq)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_detection(row) for row in rows]
+
+
+def _detection_row(d: StoredDetection) -> dict[str, Any]:
+    return {
+        "session_id": d.session_id,
+        "seq": d.seq,
+        "label": d.label,
+        "confidence": d.confidence,
+        "bbox": d.bbox,
+        "frame": d.frame,
+        "ts": d.ts,
+        "attributes": d.attributes,
+        "received_at": d.received_at,
+    }
+
+
+def _action(expected: Status, target: Status) -> str:
+    return ACTIONS.get((expected, target), target.value)
