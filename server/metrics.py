@@ -46,3 +46,19 @@ SLOW_CONSUMERS = Counter(
 )
 ROOMS = Gauge("testpulse_rooms", "Session rooms with at least one member on this node.")
 ROOM_MEMBERS = Gauge("testpulse_room_members", "Session memberships (client x session) on this node.")
+SESSIONS_BY_STATUS = Gauge(
+    "testpulse_sessions", "Test sessions in the store by status (cluster-wide, read by every node).", ["status"]
+)
+EVENT_LOOP_LAG_SECONDS = Gauge(
+    "testpulse_event_loop_lag_seconds", "How late this node's event loop ran a timer, sampled every second."
+)
+REDIS_PUBLISH_FAILURES = Counter(
+    "testpulse_redis_publish_failures_total", "Cross-node messages that could not be published to Redis."
+)
+REDIS_RECONNECTS = Counter("testpulse_redis_reconnects_total", "Times this node re-established its Redis subscription.")
+REDIS_PROBE_AGE_SECONDS = Gauge(
+    "testpulse_redis_probe_age_seconds", "Seconds since this node's subscription last received its own probe."
+)
+REDIS_MESSAGES_RECEIVED = Counter(
+    "testpulse_redis_messages_received_total", "Cross-node messages received from Redis, by kind.", ["kind"]
+)
