@@ -167,7 +167,7 @@ class HttpApi:
         if action == "stop":
             body = await self._json(request, optional=True)
             reason = StopRequest.parse({**(body if isinstance(body, dict) else {}), "session_id": session_id}).reason
-        session = await self.hub.transition(who, session_id, targets[action], reason)
+        session = await self.hub.transition(who, session_id, targets[action], reason, verb=action)
         return JSONResponse({"ok": True, "session": session.view()})
 
     async def post_detections(self, request: Request, who: Principal) -> Response:

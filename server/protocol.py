@@ -98,6 +98,18 @@ def check_session_id(value: object, field: str = "session_id") -> str:
         raise bad(field, "must be a string")
     if not 1 <= len(value) <= SESSION_ID_MAX:
         raise bad(field, f"must be 1 to {SESSION_ID_MAX} characters")
+    return _storable(value, field)
+
+
+def _storable(value: str, field: str) -> str:
+    # PostgreSQL text cannot hold NUL and no database stores a lone surrogate: refuse them here
+    # instead of failing a store transaction that other publishers' detections share.
+    if "\x00" in value:
+        raise bad(field, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(field, "must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
@@ -109,7 +121,7 @@ def _optional_str(data: dict[str, Any], field: str, max_len: int) -> str | None:
         raise bad(field, "must be a string")
     if len(value) > max_len:
         raise bad(field, f"must be at most {max_len} characters")
-    return value
+    return _storable(value, field)
 
 
 def _json_object(data: dict[str, Any], field: str) -> dict[str, Any] | None:
@@ -119,10 +131,11 @@ def _json_object(data: dict[str, Any], field: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise bad(field, "must be a JSON object")
     try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        raise bad(field, "must be plain JSON (no NaN or Infinity)") from None
-    if len(encoded.encode()) > JSON_OBJECT_MAX_BYTES:
+        # Measured as UTF-8 JSON, the way clients send it; ASCII escapes would count "é" as 6 bytes.
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        raise bad(field, "must be plain JSON (no NaN, Infinity or lone surrogates)") from None
+    if len(encoded) > JSON_OBJECT_MAX_BYTES:
         raise bad(field, f"must be at most {JSON_OBJECT_MAX_BYTES} bytes encoded")
     return value
 
@@ -197,6 +210,7 @@ class DetectionIn:
             raise bad(prefix + "label", "is required and must be a string")
         if not 1 <= len(label) <= LABEL_MAX:
             raise bad(prefix + "label", f"must be 1 to {LABEL_MAX} characters")
+        _storable(label, prefix + "label")
         confidence = data.get("confidence")
         if not _is_number(confidence):
             raise bad(prefix + "confidence", "is required and must be a number")
@@ -253,7 +267,8 @@ def parse_detection_list(items: object) -> list[DetectionIn]:
 def parse_after_seq(raw: str | None) -> int:
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit():
+    # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > INT64_MAX:
         raise bad("after_seq", "must be an integer >= 0")
     return int(raw)
 
@@ -261,6 +276,6 @@ def parse_after_seq(raw: str | None) -> int:
 def parse_limit(raw: str | None, default: int = 100, maximum: int = 1000) -> int:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise bad("limit", f"must be an integer from 1 to {maximum}")
     return int(raw)

@@ -42,6 +42,11 @@ ACTIONS: dict[tuple[Status, Status], str] = {
     (Status.PAUSED, Status.STOPPED): "stop",
 }
 
+# The verb a caller means when it only names the target: running is reached by `resume`; `start`
+# says so explicitly. A verb moves along its own arrow only: resuming a created session or
+# starting a paused one is an invalid transition, not a synonym.
+DEFAULT_VERB: dict[Status, str] = {Status.RUNNING: "resume", Status.PAUSED: "pause", Status.STOPPED: "stop"}
+
 
 def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -203,18 +208,21 @@ class Hub:
     async def start(self, who: Principal, req: StartRequest) -> Session:
         if req.session_id is None:
             created = await self.create(who, req.name, req.config)
-            return await self.transition(who, created.id, Status.RUNNING)
-        return await self.transition(who, req.session_id, Status.RUNNING)
+            return await self.transition(who, created.id, Status.RUNNING, verb="start")
+        return await self.transition(who, req.session_id, Status.RUNNING, verb="start")
 
-    async def transition(self, who: Principal, session_id: str, target: Status, reason: str | None = None) -> Session:
+    async def transition(
+        self, who: Principal, session_id: str, target: Status, reason: str | None = None, *, verb: str | None = None
+    ) -> Session:
         who.require(Action.CONTROL, session_id)
+        verb = verb or DEFAULT_VERB.get(target)
         session = await self._existing(session_id)
         # A lost compare-and-set means another node moved the session meanwhile: judge again on fresh state.
         for _ in range(3):
-            if target not in ALLOWED[session.status]:
+            if target not in ALLOWED[session.status] or ACTIONS.get((session.status, target)) != verb:
                 raise ProtocolError(
                     ErrorCode.INVALID_TRANSITION,
-                    f"session '{session_id}' is {session.status.value}; it cannot become {target.value}",
+                    f"session '{session_id}' is {session.status.value}; it cannot {verb} (become {target.value})",
                 )
             changed = await self._sessions.change_status(session_id, session.status, target, who.sub, reason)
             if changed is not None:

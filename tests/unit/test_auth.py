@@ -1,0 +1,209 @@
+"""Tokens and permissions at the unit level: which JWTs become a Principal and what each role may do."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from server.auth import Action, AuthError, Principal, Role, TokenVerifier, issue_token, parse_ttl
+from server.protocol import ErrorCode, ProtocolError
+from server.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+SECRET = "unit-test-secret-" + "0123456789abcdef" * 4  # long enough for HS512
+SETTINGS = Settings(jwt_secret=SECRET)
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    body: dict[str, Any] = {"sub": "alice", "role": "viewer", "iat": now, "exp": now + 300}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def sign(body: dict[str, Any], *, key: str = SECRET, alg: str = "HS256", headers: dict[str, Any] | None = None) -> str:
+    return jwt.encode(body, key, algorithm=alg, headers=headers)
+
+
+def unsigned(body: dict[str, Any]) -> str:
+    def b64(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(body)}."
+
+
+def refusal(token: object, settings: Settings = SETTINGS) -> str:
+    with pytest.raises(AuthError) as caught:
+        TokenVerifier(settings).verify(token)
+    assert caught.value.message
+    return caught.value.code
+
+
+def test_valid_token_becomes_a_principal() -> None:
+    exp = int(time.time()) + 300
+    principal = TokenVerifier(SETTINGS).verify(sign(claims(role="operator", exp=exp, sessions=["a", "b"])))
+    assert principal == Principal("alice", Role.OPERATOR, frozenset({"a", "b"}), float(exp))
+
+
+def test_token_without_sessions_claim_may_touch_every_session() -> None:
+    principal = TokenVerifier(SETTINGS).verify(sign(claims()))
+    assert principal.sessions is None and principal.may_touch("anything")
+
+
+@pytest.mark.parametrize("token", [None, ""], ids=["none", "empty"])
+def test_missing_token_is_auth_missing(token: object) -> None:
+    assert refusal(token) == "auth_missing"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "a.b.c",
+        123,
+        ["x"],
+        {"token": "x"},
+        "x" * 9000,
+    ],
+    ids=["garbage", "three-parts", "number", "list", "dict", "too-long"],
+)
+def test_malformed_token_is_auth_invalid(token: object) -> None:
+    assert refusal(token) == "auth_invalid"
+
+
+def test_expired_token_is_auth_expired() -> None:
+    assert refusal(sign(claims(exp=int(time.time()) - 5))) == "auth_expired"
+
+
+def test_token_not_yet_valid_is_auth_invalid() -> None:
+    assert refusal(sign(claims(nbf=int(time.time()) + 60))) == "auth_invalid"
+
+
+def test_token_issued_in_the_future_is_auth_invalid() -> None:
+    assert refusal(sign(claims(iat=int(time.time()) + 600))) == "auth_invalid"
+
+
+def test_leeway_tolerates_small_clock_skew() -> None:
+    lenient = Settings(jwt_secret=SECRET, jwt_leeway_seconds=30)
+    TokenVerifier(lenient).verify(sign(claims(exp=int(time.time()) - 5)))
+
+
+def test_alg_none_is_refused() -> None:
+    assert refusal(unsigned(claims())) == "auth_invalid"
+
+
+@pytest.mark.parametrize("alg", ["HS384", "HS512"])
+def test_algorithm_not_configured_is_refused(alg: str) -> None:
+    assert refusal(sign(claims(), alg=alg)) == "auth_invalid"
+
+
+def test_configured_algorithm_is_accepted() -> None:
+    both = Settings(jwt_secret=SECRET, jwt_algorithms=("HS256", "HS512"))
+    assert TokenVerifier(both).verify(sign(claims(), alg="HS512")).sub == "alice"
+
+
+def test_bad_signature_is_auth_invalid() -> None:
+    assert refusal(sign(claims(), key="another-secret-" + "0123456789abcdef" * 4)) == "auth_invalid"
+
+
+def test_tampered_payload_is_auth_invalid() -> None:
+    header, _, signature = sign(claims()).split(".")
+    body = base64.urlsafe_b64encode(json.dumps(claims(role="admin")).encode()).rstrip(b"=").decode()
+    assert refusal(f"{header}.{body}.{signature}") == "auth_invalid"
+
+
+@pytest.mark.parametrize("claim", ["sub", "role", "exp"])
+def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
+    assert refusal(sign(claims(**{claim: ...}))) == "auth_invalid"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"role": "superuser"}, {"role": 1}, {"sub": ""}, {"sub": 5}, {"sessions": "s1"}, {"sessions": [1]}],
+    ids=["unknown-role", "role-number", "empty-sub", "sub-number", "sessions-string", "sessions-numbers"],
+)
+def test_claim_of_the_wrong_shape_is_auth_invalid(override: dict[str, Any]) -> None:
+    assert refusal(sign(claims(**override))) == "auth_invalid"
+
+
+AUDIENCE_SETTINGS = Settings(jwt_secret=SECRET, jwt_audience="testpulse")
+
+
+def test_configured_audience_is_required() -> None:
+    assert refusal(sign(claims()), AUDIENCE_SETTINGS) == "auth_invalid"
+    assert refusal(sign(claims(aud="someone-else")), AUDIENCE_SETTINGS) == "auth_invalid"
+    assert TokenVerifier(AUDIENCE_SETTINGS).verify(sign(claims(aud="testpulse"))).sub == "alice"
+
+
+def test_configured_issuer_is_required() -> None:
+    issuer = Settings(jwt_secret=SECRET, jwt_issuer="https://idp.example")
+    assert refusal(sign(claims()), issuer) == "auth_invalid"
+    assert refusal(sign(claims(iss="https://evil.example")), issuer) == "auth_invalid"
+    assert TokenVerifier(issuer).verify(sign(claims(iss="https://idp.example"))).sub == "alice"
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, AUDIENCE_SETTINGS], ids=["plain", "audience"])
+def test_issued_tokens_verify_with_the_same_settings(settings: Settings) -> None:
+    token = issue_token(settings, role="detector", sub="cam-1", ttl_seconds=60, sessions=["s1"])
+    principal = TokenVerifier(settings).verify(token)
+    assert (principal.sub, principal.role, principal.sessions) == ("cam-1", Role.DETECTOR, frozenset({"s1"}))
+
+
+def test_issue_token_refuses_an_unknown_role() -> None:
+    with pytest.raises(ValueError, match="role"):
+        issue_token(SETTINGS, role="root", sub="x", ttl_seconds=60)
+
+
+# ---- the role x action matrix ------------------------------------------------------------------
+
+MAY = {
+    Role.VIEWER: {Action.WATCH},
+    Role.OPERATOR: {Action.WATCH, Action.CONTROL},
+    Role.DETECTOR: {Action.WATCH, Action.PUBLISH},
+    Role.ADMIN: {Action.WATCH, Action.CONTROL, Action.PUBLISH},
+}
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
+@pytest.mark.parametrize("action", list(Action), ids=lambda a: a.value)
+def test_each_role_may_do_exactly_what_the_contract_grants(role: Role, action: Action) -> None:
+    principal = Principal("u", role, None, time.time() + 60)
+    if action in MAY[role]:
+        principal.require(action, "any-session")
+    else:
+        with pytest.raises(ProtocolError) as caught:
+            principal.require(action, "any-session")
+        assert caught.value.code is ErrorCode.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("action", list(Action), ids=lambda a: a.value)
+def test_sessions_claim_limits_which_sessions_the_token_may_touch(action: Action) -> None:
+    principal = Principal("u", Role.ADMIN, frozenset({"mine"}), time.time() + 60)
+    principal.require(action, "mine")
+    with pytest.raises(ProtocolError) as caught:
+        principal.require(action, "theirs")
+    assert caught.value.code is ErrorCode.FORBIDDEN
+
+
+def test_role_is_checked_before_the_session() -> None:
+    principal = Principal("u", Role.VIEWER, frozenset({"mine"}), time.time() + 60)
+    with pytest.raises(ProtocolError) as caught:
+        principal.require(Action.CONTROL, "theirs")
+    assert caught.value.code is ErrorCode.UNAUTHORIZED
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800), ("2.5", 2.5)])
+def test_ttl_accepts_units(text: str, seconds: float) -> None:
+    assert parse_ttl(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "-5m", "1y"])
+def test_ttl_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        parse_ttl(text)
