@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +15,7 @@ from starlette.applications import Starlette
 
 from server import __version__, metrics
 from server.auth import TokenVerifier
-from server.broker import NodeBroadcast
+from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
 from server.http import HttpApi
 from server.protocol import ProtocolError
@@ -38,8 +40,13 @@ class Node:
         self.store = SqlStore(self.db)
         self.log = GroupCommitLog(self.store, batch_max=settings.write_batch_max, queue_max=settings.write_queue_max)
         origins: str | list[str] = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
+        self.cluster = (
+            ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
+        )
         self.sio = TestpulseServer(
             async_mode="asgi",
+            client_manager=self.cluster,
+            sid_tag=sid_tag(settings.node_id),
             cors_allowed_origins=origins,
             max_http_buffer_size=settings.max_payload_bytes,
             ping_interval=settings.ping_interval_seconds,
@@ -55,7 +62,7 @@ class Node:
             gap_fill_delay=settings.gap_fill_delay_seconds,
             on_slow_consumer=lambda sid: self.realtime.drop_slow_consumer(sid),
         )
-        self.hub = Hub(self.store, self.log, NodeBroadcast(self.sio, self.feeds))
+        self.hub = Hub(self.store, self.log, NodeBroadcast(self.sio, self.feeds, self.cluster))
         verifier = TokenVerifier(settings)
         self.realtime = Realtime(self.sio, self.hub, self.feeds, verifier, settings, lambda: self.draining)
         self.http = HttpApi(self.hub, verifier, max_body=settings.max_payload_bytes, readiness=self.readiness)
@@ -64,6 +71,12 @@ class Node:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
         await self.db.create_schema()
         self.log.start()
+        if self.cluster is not None:
+            self.cluster.on_detections = self.feeds.offer
+            self.cluster.on_resubscribed = self.feeds.resync
+            # Subscribe now, not at the first client connection as python-socketio would.
+            self.sio.manager_initialized = True
+            self.cluster.initialize()
         log.info("node %s ready (database %s)", self.settings.node_id, self.db.url.split("://")[0])
 
     async def drain(self) -> None:
@@ -73,9 +86,13 @@ class Node:
         self.draining = True
         await self.realtime.disconnect_all("server_draining", "this node is shutting down; reconnect")
         await self.log.close(self.settings.shutdown_timeout_seconds)
+        if self.cluster is not None:
+            await self.cluster.flush(self.settings.shutdown_timeout_seconds)
 
     async def stop(self) -> None:
         await self.drain()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.db.close()
 
     async def readiness(self) -> dict[str, str]:
@@ -85,6 +102,8 @@ class Node:
             checks["database"] = "ok"
         except (ProtocolError, TimeoutError, OSError) as exc:
             checks["database"] = f"failing: {getattr(exc, 'message', exc) or type(exc).__name__}"
+        if self.cluster is not None:
+            checks["redis"] = await self.cluster.health()
         if self.draining:
             checks["node"] = "draining"
         return checks
@@ -103,6 +122,39 @@ def create_app(settings: Settings) -> Any:
 
     web = Starlette(routes=node.http.routes(), lifespan=lifespan)
     web.state.node = node
-    app = socketio.ASGIApp(node.sio, other_asgi_app=web, socketio_path="socket.io")
-    app.node = node
+    sio_app = socketio.ASGIApp(node.sio, other_asgi_app=web, socketio_path="socket.io")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if node.draining and scope["type"] in ("http", "websocket") and _is_handshake(scope):
+            # Refused at the HTTP level so the proxy retries the handshake on another node.
+            await _refuse_draining(scope, send)
+            return
+        await sio_app(scope, receive, send)
+
+    app.node = node  # type: ignore[attr-defined]
     return app
+
+
+def _is_handshake(scope: dict[str, Any]) -> bool:
+    path: str = scope.get("path", "")
+    return path.startswith("/socket.io") and b"sid=" not in scope.get("query_string", b"")
+
+
+async def _refuse_draining(scope: dict[str, Any], send: Any) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1013})
+        return
+    body = json.dumps({"error": {"code": "server_draining", "message": "this node is draining"}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def sid_tag(node_id: str) -> str:
+    """The node's tag in Engine.IO session ids: the node id when it is safe in a URL and a regex."""
+    return node_id if re.fullmatch(r"[A-Za-z0-9_-]{1,32}", node_id) else ""

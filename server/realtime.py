@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import engineio
 import socketio
 
 from server import metrics
@@ -35,9 +36,75 @@ log = logging.getLogger("testpulse.realtime")
 _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", default=False)
 
 
+class PollingSafeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
+    """Engine.IO socket that answers one long-polling GET with at most POLL_PACKETS_MAX packets.
+    python-engineio clients refuse a payload of more than 16 packets and drop the connection, so a
+    replay queued in one go must go out over several polls. WebSocket writes are not capped."""
+
+    async def poll(self) -> list[Any]:
+        if self.upgraded:
+            return list(await super().poll())
+        try:
+            first = await asyncio.wait_for(self.queue.get(), self.server.ping_interval + self.server.ping_timeout)
+            self.queue.task_done()
+        except (TimeoutError, asyncio.CancelledError):
+            raise engineio.exceptions.QueueEmpty() from None
+        if first is None:
+            return []
+        packets = [first]
+        while len(packets) < POLL_PACKETS_MAX and not self.queue.empty():
+            pkt = self.queue.get_nowait()
+            self.queue.task_done()
+            if pkt is None:
+                self.queue.put_nowait(None)
+                break
+            packets.append(pkt)
+        return packets
+
+
+POLL_PACKETS_MAX = 16
+
+
+class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
+    """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
+    proxy can send every later request of a session (long-polling, upgrade) to the node that holds
+    it without cookies or client-IP hashing (see nginx.conf)."""
+
+    sid_tag = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sockets = _SocketTable()
+
+    def generate_id(self) -> str:
+        return f"{self.sid_tag}.{super().generate_id()}" if self.sid_tag else str(super().generate_id())
+
+
+class _SocketTable(dict[str, Any]):
+    """Engine.IO's sid -> socket table. Engine.IO constructs its socket class directly, so the one
+    place to make every new socket a PollingSafeSocket is where the server registers it."""
+
+    def __setitem__(self, sid: str, socket: Any) -> None:
+        if type(socket) is engineio.async_socket.AsyncSocket:
+            socket.__class__ = PollingSafeSocket
+        super().__setitem__(sid, socket)
+
+
 class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
     """AsyncServer that tells handlers whether the client sent an ack callback, because the
     contract reports a failure as an `error` event exactly when there is no ack to carry it."""
+
+    def __init__(self, *args: Any, sid_tag: str = "", **kwargs: Any) -> None:
+        self._sid_tag = sid_tag
+        super().__init__(*args, **kwargs)
+
+    def _engineio_server_class(self) -> type:
+        tag = self._sid_tag
+
+        class Tagged(TaggedEngineServer):
+            sid_tag = tag
+
+        return Tagged
 
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None
@@ -260,9 +327,18 @@ class Realtime:
 
     async def join_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         req = JoinRequest.parse(payload)
-        session = await self.hub.get(conn.principal, req.session_id)
-        await self.sio.enter_room(sid, session_room(session.id))
-        replayed = await self.feeds.join(sid, session, req.last_seq)
+        conn.principal.require(Action.WATCH, req.session_id)
+        # Subscribe first, read second: whatever commits after the read is published after the
+        # subscription is confirmed, so it reaches this node; whatever committed before is replayed.
+        room = session_room(req.session_id)
+        await self.sio.enter_room(sid, room)
+        try:
+            session = await self.hub.get(conn.principal, req.session_id)
+            replayed = await self.feeds.join(sid, session, req.last_seq)
+        except ProtocolError:
+            if req.session_id not in self.feeds.sessions_of(sid):
+                await self.sio.leave_room(sid, room)
+            raise
         return {"session": session.view(), "replayed": replayed}
 
     async def leave_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
@@ -276,6 +352,8 @@ class Realtime:
         session = await self.hub.start(conn.principal, req)
         await self.sio.enter_room(sid, session_room(session.id))
         await self.feeds.join(sid, session, None)
+        # A detector may have published between the start and this node's subscription.
+        self.feeds.resync(session.id)
         return {"session": session.view()}
 
     def _transition_to(self, target: Status) -> Handler:
