@@ -1,4 +1,4 @@
-"""`testpulse serve | token | config`: maps flags onto Settings, nothing else."""
+"""`testpulse serve | token | config | cluster`: maps flags onto Settings, nothing else."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from types import FrameType
 from typing import Any
 
+from server import cluster
 from server.auth import issue_token, parse_ttl
 from server.settings import Settings, SettingsError, env_name
 
@@ -124,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the configuration reference")
     config.set_defaults(run=cmd_config)
+
+    cluster.register(commands)
     return root
 
 

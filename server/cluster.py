@@ -1,0 +1,332 @@
+"""The local no-Docker cluster: redis-server, N nodes and nginx on loopback, torn down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NGINX_CONF = REPO_ROOT / "nginx.conf"
+NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
+PR_SET_PDEATHSIG = 1
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def find_binary(name: str, *extra_dirs: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in ("/usr/sbin", "/usr/local/sbin", "/usr/bin", *extra_dirs):
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
+    raise ClusterError(f"{name} not found: run ./scripts/setup (it installs the Debian package)")
+
+
+def _die_with_parent() -> None:
+    # Children of a cluster that is SIGKILLed must not outlive it (no orphans, ever).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def render_nginx_conf(
+    template: str,
+    nodes: list[NodeSpec],
+    *,
+    port: int,
+    handshake_rate: int | None = None,
+    connections_per_ip: int | None = None,
+) -> str:
+    """The repo's nginx.conf for these nodes and this port; only the marked parts change."""
+    servers = "".join(f"        server 127.0.0.1:{n.port} max_fails=1 fail_timeout=5s;\n" for n in nodes)
+    lines = [
+        "    upstream testpulse_nodes {",
+        "        least_conn;",
+        servers.rstrip("\n"),
+        "        keepalive 64;",
+        "    }",
+    ]
+    for n in nodes:
+        lines += [
+            f"    upstream testpulse_{n.node_id} {{",
+            f"        server 127.0.0.1:{n.port};",
+            "        keepalive 16;",
+            "    }",
+        ]
+    lines += ["    map $arg_sid $testpulse_upstream {", "        default         testpulse_nodes;"]
+    lines += [f'        "~^{re.escape(n.node_id)}\\."     testpulse_{n.node_id};' for n in nodes]
+    lines += ["    }"]
+    block = "\n".join(lines) + "\n"
+    rendered, count = NODES_BLOCK.subn(lambda m: m.group(1) + block + m.group(2), template)
+    if count != 1:
+        raise ClusterError("nginx.conf lost its '# BEGIN/END testpulse nodes' markers")
+    substitutions = [(r"listen 127\.0\.0\.1:\d+", f"listen 127.0.0.1:{port}")]
+    if handshake_rate is not None:
+        substitutions.append((r"rate=\d+r/s;", f"rate={handshake_rate}r/s;"))
+    if connections_per_ip is not None:
+        substitutions.append(
+            (r"limit_conn connections_per_ip \d+;", f"limit_conn connections_per_ip {connections_per_ip};")
+        )
+    for pattern, replacement in substitutions:
+        rendered, count = re.subn(pattern, replacement, rendered)
+        if count != 1:
+            raise ClusterError(f"nginx.conf: expected one match of {pattern!r}, found {count}")
+    return rendered
+
+
+def wait_http_ok(url: str, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"{url}: process exited with status {proc.returncode}")
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{url} did not become healthy in time")
+        time.sleep(0.05)
+
+
+@dataclass
+class Cluster:
+    nodes: int = 3
+    port: int = 8080
+    redis_url: str | None = None
+    database_url: str | None = None
+    run_dir: Path | None = None
+    handshake_rate: int | None = None
+    connections_per_ip: int | None = None
+    node_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    specs: list[NodeSpec] = field(default_factory=list)
+
+    def start(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="testpulse-cluster-"))
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            if self.redis_url is None:
+                self.redis_url = self._start_redis(deadline)
+            self.database_url = (
+                self.database_url
+                or os.environ.get("TESTPULSE_DATABASE_URL")
+                or (f"sqlite+aiosqlite:///{Path.cwd() / 'testpulse.db'}")
+            )
+            self.specs = [NodeSpec(f"node{i}", free_port()) for i in range(1, self.nodes + 1)]
+            for spec in self.specs:
+                self._start_node(spec)
+            for spec in self.specs:
+                wait_http_ok(f"{spec.url}/health", deadline, self.processes[spec.node_id])
+            self._start_nginx(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        assert self.run_dir is not None
+        log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+        )
+        log.close()
+        self.processes[name] = proc
+        return proc
+
+    def _start_redis(self, deadline: float) -> str:
+        port = free_port()
+        assert self.run_dir is not None
+        proc = self._spawn(
+            "redis",
+            [
+                find_binary("redis-server"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.run_dir),
+            ],
+        )
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError("redis-server did not start; see logs/redis.log")
+            time.sleep(0.05)
+
+    def _start_node(self, spec: NodeSpec) -> None:
+        assert self.redis_url is not None and self.database_url is not None
+        env = {
+            **os.environ,
+            **self.node_env,
+            "TESTPULSE_REDIS_URL": self.redis_url,
+            "TESTPULSE_DATABASE_URL": self.database_url,
+            "TESTPULSE_NODE_ID": spec.node_id,
+        }
+        self._spawn(
+            spec.node_id,
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(spec.port)],
+            env,
+        )
+
+    def _start_nginx(self, deadline: float) -> None:
+        assert self.run_dir is not None
+        prefix = self.run_dir / "nginx"
+        for sub in ("conf", "logs", "temp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        # nginx workers run as nobody when started by root: they must be able to write temp files.
+        (prefix / "temp").chmod(0o777)
+        conf = render_nginx_conf(
+            NGINX_CONF.read_text(),
+            self.specs,
+            port=self.port,
+            handshake_rate=self.handshake_rate,
+            connections_per_ip=self.connections_per_ip,
+        )
+        temp_paths = "".join(
+            f"{kind}_temp_path {prefix / 'temp' / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf = conf.replace("http {\n", f"http {{\n    {temp_paths}\n", 1)
+        (prefix / "conf" / "nginx.conf").write_text(conf)
+        globals_ = f"daemon off; pid {prefix / 'nginx.pid'}; error_log {prefix / 'logs' / 'error.log'} warn;"
+        nginx = find_binary("nginx")
+        check = subprocess.run(
+            [nginx, "-t", "-q", "-p", str(prefix), "-c", "conf/nginx.conf", "-g", globals_],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise ClusterError(f"nginx rejected the rendered config: {check.stderr.strip()}")
+        proc = self._spawn("nginx", [nginx, "-p", str(prefix), "-c", "conf/nginx.conf", "-g", globals_])
+        wait_http_ok(f"{self.proxy_url}/health", deadline, proc)
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "proxy": self.proxy_url,
+            "redis": self.redis_url,
+            "database": self.database_url,
+            "run_dir": str(self.run_dir),
+            "nodes": [{"id": s.node_id, "url": s.url, "pid": self.processes[s.node_id].pid} for s in self.specs],
+        }
+
+    def dead_children(self) -> list[str]:
+        return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Nodes first (they drain), then nginx, then Redis; SIGKILL whatever outlives the grace."""
+        order = [s.node_id for s in self.specs] + ["nginx", "redis"]
+        for group in (order[: len(self.specs)], ["nginx"], ["redis"]):
+            procs = [self.processes[name] for name in group if name in self.processes]
+            for proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGQUIT if proc is self.processes.get("nginx") else signal.SIGTERM)
+            end = time.monotonic() + grace
+            for proc in procs:
+                try:
+                    proc.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    cluster = Cluster(
+        nodes=args.nodes,
+        port=args.port,
+        redis_url=args.redis_url,
+        database_url=args.database_url,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        handshake_rate=args.handshake_rate,
+        connections_per_ip=args.connections_per_ip,
+    )
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        print(f"testpulse cluster: {exc}", file=sys.stderr)
+        return 1
+    info = cluster.describe()
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        print(f"testpulse cluster is up: {info['proxy']}  (Ctrl-C stops everything)", flush=True)
+        for node in info["nodes"]:
+            print(f"  {node['id']}: {node['url']}  (pid {node['pid']})", flush=True)
+        print(f"  redis: {info['redis']}\n  database: {info['database']}\n  logs: {info['run_dir']}/logs", flush=True)
+    reported: set[str] = set()
+    while not stopping:
+        for name in cluster.dead_children():
+            if name not in reported:
+                reported.add(name)
+                print(f"testpulse cluster: {name} exited (status {cluster.processes[name].returncode})", flush=True)
+        time.sleep(0.2)
+    print("testpulse cluster: stopping", flush=True)
+    cluster.stop()
+    return 0
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser("cluster", help="run a local cluster: redis-server, N nodes and nginx on loopback")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8080, help="the proxy's port")
+    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument("--database-url", default=None, help="default: TESTPULSE_DATABASE_URL or ./testpulse.db")
+    parser.add_argument("--run-dir", default=None, help="logs and nginx prefix (default: a temp dir)")
+    parser.add_argument("--handshake-rate", type=int, default=None, help="nginx handshakes/s per client address")
+    parser.add_argument("--connections-per-ip", type=int, default=None, help="nginx connections per client address")
+    parser.add_argument("--json", action="store_true", help="print the cluster's addresses as one JSON line")
+    parser.set_defaults(run=run)
