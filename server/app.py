@@ -20,7 +20,7 @@ from server.delivery import Feeds
 from server.http import HttpApi
 from server.protocol import ProtocolError
 from server.realtime import Realtime, TestpulseServer
-from server.sessions import Hub
+from server.sessions import Hub, Status
 from server.settings import Settings
 from server.store import Database, SqlStore
 from server.writer import GroupCommitLog
@@ -34,6 +34,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.draining = False
+        self._sampler: asyncio.Task[None] | None = None
         self.db = Database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
@@ -71,6 +72,7 @@ class Node:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
         await self.db.create_schema()
         self.log.start()
+        self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
             self.cluster.on_resubscribed = self.feeds.resync
@@ -89,7 +91,28 @@ class Node:
         if self.cluster is not None:
             await self.cluster.flush(self.settings.shutdown_timeout_seconds)
 
+    async def _sample_forever(self) -> None:
+        """Gauges that are read, not counted: event-loop lag every second, sessions by status
+        (a cheap GROUP BY) every ten."""
+        loop = asyncio.get_running_loop()
+        tick = 0
+        while True:
+            started = loop.time()
+            await asyncio.sleep(1.0)
+            metrics.EVENT_LOOP_LAG_SECONDS.set(max(0.0, loop.time() - started - 1.0))
+            if tick % 10 == 0:
+                try:
+                    counts = await self.store.count_by_status()
+                except ProtocolError:
+                    counts = None
+                if counts is not None:
+                    for status in Status:
+                        metrics.SESSIONS_BY_STATUS.labels(status.value).set(counts.get(status.value, 0))
+            tick += 1
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         await self.drain()
         if self.cluster is not None:
             await self.cluster.close()

@@ -135,7 +135,7 @@ class HttpApi:
 
     async def list_sessions(self, request: Request, who: Principal) -> Response:
         limit = parse_limit(request.query_params.get("limit"), default=1000, maximum=1000)
-        sessions = await self.hub.list(who, limit)
+        sessions = await self.hub.list_sessions(who, limit)
         return JSONResponse({"sessions": [s.view() for s in sessions]})
 
     async def get_session(self, request: Request, who: Principal) -> Response:

@@ -6,7 +6,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 PROTOCOL_VERSION = 1
 SESSION_ID_MAX = 64
@@ -75,12 +75,12 @@ def _object(payload: object, what: str = "payload") -> dict[str, Any]:
 INT64_MAX = 2**63 - 1
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """A JSON integer that fits the store's BIGINT columns."""
     return isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX <= value <= INT64_MAX
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     if isinstance(value, float):
         return math.isfinite(value)
     return _is_int(value)

@@ -134,7 +134,7 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> Session | None: ...
 
-    async def list(self, only: frozenset[str] | None, limit: int) -> list[Session]: ...
+    async def list_sessions(self, only: frozenset[str] | None, limit: int) -> list[Session]: ...
 
     async def change_status(
         self, session_id: str, expected: Status, target: Status, actor: str, reason: str | None
@@ -185,9 +185,9 @@ class Hub:
         who.require(Action.WATCH, session_id)
         return await self._existing(session_id)
 
-    async def list(self, who: Principal, limit: int = 1000) -> list[Session]:
+    async def list_sessions(self, who: Principal, limit: int = 1000) -> list[Session]:
         who.require(Action.WATCH)
-        return await self._sessions.list(who.sessions, limit)
+        return await self._sessions.list_sessions(who.sessions, limit)
 
     async def events(self, who: Principal, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
         await self.get(who, session_id)

@@ -230,7 +230,7 @@ class SqlStore:
             row = (await conn.execute(select(sessions_t).where(sessions_t.c.id == session_id))).first()
         return None if row is None else _session(row)
 
-    async def list(self, only: frozenset[str] | None, limit: int) -> list[Session]:
+    async def list_sessions(self, only: frozenset[str] | None, limit: int) -> list[Session]:
         query = select(sessions_t).order_by(sessions_t.c.created_at.desc(), sessions_t.c.id).limit(limit)
         if only is not None:
             query = query.where(sessions_t.c.id.in_(sorted(only)))
@@ -265,6 +265,12 @@ class SqlStore:
                 )
             )
         return _session(row)
+
+    async def count_by_status(self) -> dict[str, int]:
+        query = select(sessions_t.c.status, func.count()).group_by(sessions_t.c.status)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return {status: count for status, count in rows}
 
     async def audit(self, session_id: str) -> list[dict[str, Any]]:
         query = select(audit_t).where(audit_t.c.session_id == session_id).order_by(audit_t.c.id)
