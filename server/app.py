@@ -18,7 +18,7 @@ from server.auth import TokenVerifier
 from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
 from server.http import HttpApi
-from server.protocol import ProtocolError
+from server.protocol import ErrorCode, ProtocolError
 from server.realtime import Realtime, TestpulseServer
 from server.sessions import Hub, Status
 from server.settings import Settings
@@ -70,6 +70,7 @@ class Node:
 
     async def start(self) -> None:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
+        metrics.initialize_series([*self.realtime.handlers(), "unknown"], [code.value for code in ErrorCode])
         await self.db.create_schema()
         self.log.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")

@@ -23,6 +23,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = REPO_ROOT / "nginx.conf"
+PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
 PR_SET_PDEATHSIG = 1
 
@@ -130,6 +131,8 @@ class Cluster:
     run_dir: Path | None = None
     handshake_rate: int | None = None
     connections_per_ip: int | None = None
+    with_prometheus: bool = False
+    prometheus_port: int | None = None
     node_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     specs: list[NodeSpec] = field(default_factory=list)
@@ -152,6 +155,8 @@ class Cluster:
             for spec in self.specs:
                 wait_http_ok(f"{spec.url}/health", deadline, self.processes[spec.node_id])
             self._start_nginx(deadline)
+            if self.with_prometheus:
+                self._start_prometheus(deadline)
         except BaseException:
             self.stop()
             raise
@@ -242,6 +247,38 @@ class Cluster:
         proc = self._spawn("nginx", [nginx, "-p", str(prefix), "-c", "conf/nginx.conf", "-g", globals_])
         wait_http_ok(f"{self.proxy_url}/health", deadline, proc)
 
+    def _start_prometheus(self, deadline: float) -> None:
+        """deploy/prometheus/prometheus.yml and its alert rules, scraping this cluster's nodes."""
+        assert self.run_dir is not None
+        folder = self.run_dir / "prometheus"
+        folder.mkdir(exist_ok=True)
+        config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+        targets = "".join(f"          - 127.0.0.1:{spec.port}\n" for spec in self.specs)
+        config, count = re.subn(
+            r"(      - targets:\n)(?:          - [^\n]+\n)+", lambda m: m.group(1) + targets, config
+        )
+        if count != 1:
+            raise ClusterError("deploy/prometheus/prometheus.yml: expected one static target list")
+        (folder / "prometheus.yml").write_text(config)
+        shutil.copy(PROMETHEUS_DIR / "alerts.yml", folder / "alerts.yml")
+        self.prometheus_port = self.prometheus_port or free_port()
+        proc = self._spawn(
+            "prometheus",
+            [
+                find_binary("prometheus"),
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                "--storage.tsdb.retention.time=1d",
+                "--web.enable-lifecycle",
+            ],
+        )
+        wait_http_ok(f"{self.prometheus_url}/-/ready", deadline, proc)
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.prometheus_port}" if self.with_prometheus else None
+
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -252,6 +289,7 @@ class Cluster:
             "redis": self.redis_url,
             "database": self.database_url,
             "run_dir": str(self.run_dir),
+            "prometheus": self.prometheus_url,
             "nodes": [{"id": s.node_id, "url": s.url, "pid": self.processes[s.node_id].pid} for s in self.specs],
         }
 
@@ -260,8 +298,8 @@ class Cluster:
 
     def stop(self, grace: float = 15.0) -> None:
         """Nodes first (they drain), then nginx, then Redis; SIGKILL whatever outlives the grace."""
-        order = [s.node_id for s in self.specs] + ["nginx", "redis"]
-        for group in (order[: len(self.specs)], ["nginx"], ["redis"]):
+        nodes = [s.node_id for s in self.specs]
+        for group in (nodes, ["nginx"], ["redis", "prometheus"]):
             procs = [self.processes[name] for name in group if name in self.processes]
             for proc in procs:
                 if proc.poll() is None:
@@ -285,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir=Path(args.run_dir) if args.run_dir else None,
         handshake_rate=args.handshake_rate,
         connections_per_ip=args.connections_per_ip,
+        with_prometheus=args.with_prometheus,
+        prometheus_port=args.prometheus_port,
     )
     stopping = False
 
@@ -307,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
         for node in info["nodes"]:
             print(f"  {node['id']}: {node['url']}  (pid {node['pid']})", flush=True)
         print(f"  redis: {info['redis']}\n  database: {info['database']}\n  logs: {info['run_dir']}/logs", flush=True)
+        if info["prometheus"]:
+            print(f"  prometheus: {info['prometheus']}", flush=True)
     reported: set[str] = set()
     while not stopping:
         for name in cluster.dead_children():
@@ -328,5 +370,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--run-dir", default=None, help="logs and nginx prefix (default: a temp dir)")
     parser.add_argument("--handshake-rate", type=int, default=None, help="nginx handshakes/s per client address")
     parser.add_argument("--connections-per-ip", type=int, default=None, help="nginx connections per client address")
+    parser.add_argument("--with-prometheus", action="store_true", help="also run Prometheus scraping every node")
+    parser.add_argument("--prometheus-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--json", action="store_true", help="print the cluster's addresses as one JSON line")
     parser.set_defaults(run=run)

@@ -62,3 +62,38 @@ REDIS_PROBE_AGE_SECONDS = Gauge(
 REDIS_MESSAGES_RECEIVED = Counter(
     "testpulse_redis_messages_received_total", "Cross-node messages received from Redis, by kind.", ["kind"]
 )
+
+DISCONNECT_REASONS = ("client_disconnect", "server_disconnect", "ping_timeout", "transport_close", "transport_error")
+REFUSAL_CODES = ("auth_missing", "auth_invalid", "auth_expired", "rate_limited", "server_draining")
+
+
+def initialize_series(events: list[str], outcomes: list[str]) -> None:
+    """Create every bounded label combination at 0, so that dashboards and alert ratios have a
+    series to read before the first refusal, error or reconnect happens."""
+    for event in events:
+        HANDLER_SECONDS.labels(event)
+        for outcome in ("ok", *outcomes):
+            EVENTS_RECEIVED.labels(event, outcome)
+    for code in REFUSAL_CODES:
+        CONNECT_REFUSED.labels(code)
+    for reason in (*DISCONNECT_REASONS, "other"):
+        DISCONNECTS.labels(reason)
+    for transport in ("polling", "websocket"):
+        CONNECTED_CLIENTS.labels(transport)
+    for kind in ("event", "handshake"):
+        RATE_LIMITED.labels(kind)
+    for event in ("connection_status", "test_session_update", "detection_event", "error"):
+        EVENTS_EMITTED.labels(event)
+    for kind in (
+        "detections",
+        "emit",
+        "resync",
+        "callback",
+        "disconnect",
+        "enter_room",
+        "leave_room",
+        "close_room",
+        "other",
+        "rejected",
+    ):
+        REDIS_MESSAGES_RECEIVED.labels(kind)

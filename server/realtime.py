@@ -381,5 +381,5 @@ class Realtime:
 
 
 def _reason_label(reason: Any) -> str:
-    text = str(reason or "unknown").lower().replace(" ", "_")
-    return text if len(text) <= 32 else "other"
+    text = str(reason or "").lower().replace(" ", "_")
+    return text if text in metrics.DISCONNECT_REASONS else "other"
