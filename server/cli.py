@@ -106,6 +106,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from server import metrics
+
+    print(metrics.reference(), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="testpulse", description="real-time test-execution hub")
     commands = root.add_subparsers(dest="command", required=True)
@@ -125,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the configuration reference")
     config.set_defaults(run=cmd_config)
+
+    reference = commands.add_parser("metrics", help="print the metric reference (docs/metrics.md)")
+    reference.set_defaults(run=cmd_metrics)
 
     cluster.register(commands)
     return root

@@ -97,3 +97,15 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         "rejected",
     ):
         REDIS_MESSAGES_RECEIVED.labels(kind)
+
+
+def reference() -> str:
+    """The metric list as a Markdown table (docs/metrics.md is this, kept in sync by a test)."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for value in list(globals().values()):
+        if isinstance(value, Counter | Gauge | Histogram):
+            name = value._name + ("_total" if isinstance(value, Counter) else "")
+            kind = type(value).__name__.lower()
+            labels = ", ".join(f"`{label}`" for label in value._labelnames) or "-"
+            rows.append(f"| `{name}` | {kind} | {labels} | {value._documentation} |")
+    return "\n".join(rows) + "\n"
