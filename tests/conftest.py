@@ -2,79 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import sqlite3
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from support.client import Client
-from support.processes import RunningNode, run_node, throwaway_postgres
-
-from server.auth import issue_token
-from server.settings import Settings
-
-TEST_SECRET = "testpulse-test-secret-0123456789abcdef-XYZ"
-AUDIENCE = "testpulse-tests"
-
-# Short drains keep teardown fast; the contract itself does not depend on them.
-BASE_ENV = {
-    "TESTPULSE_JWT_SECRET": TEST_SECRET,
-    "TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS": "3",
-    "TESTPULSE_LOG_LEVEL": "info",
-}
-
-
-@dataclass
-class NodeUnderTest:
-    """A running node plus what tests need to talk to it and inspect its database."""
-
-    db: str
-    node: RunningNode
-    settings: Settings
-    database_url: str
-    sqlite_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return self.node.url
-
-    def token(
-        self,
-        role: str = "admin",
-        *,
-        sub: str | None = None,
-        ttl: float = 600.0,
-        sessions: list[str] | None = None,
-    ) -> str:
-        return issue_token(self.settings, role=role, sub=sub or f"test-{role}", ttl_seconds=ttl, sessions=sessions)
-
-    def headers(self, role: str = "admin", **kwargs: Any) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(role, **kwargs)}"}
-
-    async def audit_rows(self, session_id: str) -> list[dict[str, Any]]:
-        """The audit log of one session, read straight from the node's database."""
-        query = "SELECT action, actor, from_status, to_status, reason FROM audit_log WHERE session_id = {} ORDER BY id"
-        if self.sqlite_path is not None:
-            with contextlib.closing(sqlite3.connect(self.sqlite_path)) as conn:
-                conn.row_factory = sqlite3.Row
-                return [dict(r) for r in conn.execute(query.format("?"), (session_id,))]
-        import asyncpg
-
-        conn = await asyncpg.connect(self.database_url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            return [dict(r) for r in await conn.fetch(query.format("$1"), session_id)]
-        finally:
-            await conn.close()
-
-
-def _settings(env: dict[str, str]) -> Settings:
-    return Settings.from_env({**env, "TESTPULSE_DATABASE_URL": "sqlite+aiosqlite:///unused.db"})
+from support.nodes import AUDIENCE, Connect, NodeUnderTest, node_with
+from support.processes import throwaway_postgres
 
 
 @pytest.fixture(scope="session")
@@ -82,25 +21,31 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("node-logs")
 
 
+class OnDemandPostgres:
+    """Starts the throwaway PostgreSQL at the first `url()` call, so runs that need none start none."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self._url: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def url(self) -> str:
+        async with self._lock:
+            if self._url is None:
+                self._url = await self._stack.enter_async_context(throwaway_postgres())
+            return self._url
+
+
 @pytest.fixture(scope="session")
-async def postgres_url() -> AsyncIterator[str]:
-    async with throwaway_postgres() as url:
-        yield url
+async def postgres() -> AsyncIterator[OnDemandPostgres]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield OnDemandPostgres(stack)
 
 
-@contextlib.asynccontextmanager
-async def node_with(
-    db: str, env: dict[str, str], logs_dir: Path, postgres_url: str | None = None
-) -> AsyncIterator[NodeUnderTest]:
-    """A node on a fresh SQLite file, or on `postgres_url` (shared by every postgres node of the run)."""
-    full = {**BASE_ENV, **env}
-    with tempfile.TemporaryDirectory(prefix="tp-sqlite-") as tmp:
-        sqlite_path = Path(tmp) / "testpulse.db" if db == "sqlite" else None
-        url = f"sqlite+aiosqlite:///{sqlite_path}" if sqlite_path is not None else postgres_url
-        assert url is not None
-        full["TESTPULSE_DATABASE_URL"] = url
-        async with run_node(full, log_dir=logs_dir) as node:
-            yield NodeUnderTest(db, node, _settings(full), url, sqlite_path)
+@pytest.fixture(scope="session")
+async def postgres_url(postgres: OnDemandPostgres) -> str:
+    """The URL of the run's throwaway PostgreSQL (started on first use)."""
+    return await postgres.url()
 
 
 CONTRACT_ENV = {
@@ -118,9 +63,11 @@ CONTRACT_ENV = {
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
     ],
 )
-async def node(request: pytest.FixtureRequest, logs_dir: Path) -> AsyncIterator[NodeUnderTest]:
+async def node(
+    request: pytest.FixtureRequest, logs_dir: Path, postgres: OnDemandPostgres
+) -> AsyncIterator[NodeUnderTest]:
     """The contract node, once per database backend."""
-    pg = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    pg = await postgres.url() if request.param == "postgres" else None
     env = {**CONTRACT_ENV, "TESTPULSE_NODE_ID": f"contract-{request.param}"}
     async with node_with(request.param, env, logs_dir, pg) as running:
         yield running
@@ -149,9 +96,6 @@ def token(node: NodeUnderTest) -> Callable[..., str]:
     return node.token
 
 
-Connect = Callable[..., Awaitable[Client]]
-
-
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
     """connect(target, role="admin", transport="websocket", token=None, name=None, **kw) -> connected Client.
@@ -174,9 +118,7 @@ async def connect() -> AsyncIterator[Connect]:
         return client
 
     yield make
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
+    await asyncio.gather(*(client.disconnect() for client in clients), return_exceptions=True)
 
 
 @pytest.fixture

@@ -87,7 +87,15 @@ class Client:
 
     async def disconnect(self) -> None:
         if self.sio.connected:
-            await self.sio.disconnect()
+            closing = asyncio.ensure_future(self.sio.disconnect())
+            done, _ = await asyncio.wait({closing}, timeout=0.5)
+            if not done:
+                # python-engineio's server leaves a pending long-poll GET unanswered after the
+                # client's CLOSE until its ping deadline (~45 s); closing our HTTP session ends it now.
+                http = self.sio.eio.http
+                if http is not None and not http.closed:
+                    await http.close()
+            await closing
         await self.sio.shutdown()
 
     @property
@@ -114,6 +122,21 @@ class Client:
         assert set(error) == {"code", "message"}, error
         assert isinstance(error["code"], str) and isinstance(error["message"], str) and error["message"]
         return dict(error)
+
+    async def start_session(self, **fields: Any) -> dict[str, Any]:
+        """start_test_session (a new session unless `session_id` is given); returns the session object."""
+        return dict((await self.ok("start_test_session", fields))["session"])
+
+    async def join(self, session_id: str, last_seq: int | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"session_id": session_id}
+        if last_seq is not None:
+            payload["last_seq"] = last_seq
+        return await self.ok("join_session", payload)
+
+    async def publish(self, session_id: str, i: int = 0, **fields: Any) -> int:
+        """publish_detection of `detection(i, **fields)`; returns its seq."""
+        ack = await self.ok("publish_detection", {"session_id": session_id, **detection(i, **fields)})
+        return int(ack["seq"])
 
     async def emit(self, event: str, payload: Any = None) -> None:
         """Emit without an ack callback (failures then arrive as `error` events)."""
