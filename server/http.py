@@ -29,7 +29,7 @@ from server.protocol import (
     parse_detection_list,
     parse_limit,
 )
-from server.sessions import Hub, Status
+from server.sessions import Hub, Verb
 
 log = logging.getLogger("testpulse.http")
 
@@ -159,15 +159,14 @@ class HttpApi:
     async def control_session(self, request: Request, who: Principal) -> Response:
         session_id = check_session_id(request.path_params["session_id"])
         action = request.path_params["action"]
-        targets = {"start": Status.RUNNING, "pause": Status.PAUSED, "resume": Status.RUNNING, "stop": Status.STOPPED}
-        if action not in targets:
+        if action not in Verb.__members__.values():
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no action '{action[:32]}': use start, pause, resume or stop")
         who.require(Action.CONTROL, session_id)
         reason = None
         if action == "stop":
             body = await self._json(request, optional=True)
             reason = StopRequest.parse({**(body if isinstance(body, dict) else {}), "session_id": session_id}).reason
-        session = await self.hub.transition(who, session_id, targets[action], reason, verb=action)
+        session = await self.hub.transition(who, session_id, Verb(action), reason)
         return JSONResponse({"ok": True, "session": session.view()})
 
     async def post_detections(self, request: Request, who: Principal) -> Response:

@@ -27,7 +27,7 @@ from server.protocol import (
     StopRequest,
 )
 from server.ratelimit import KeyedLimiter, TokenBucket
-from server.sessions import Hub, Status, iso, utcnow
+from server.sessions import Hub, Verb, iso, utcnow
 from server.settings import Settings
 
 log = logging.getLogger("testpulse.realtime")
@@ -174,8 +174,8 @@ class Realtime:
             "join_session": self.join_session,
             "leave_session": self.leave_session,
             "start_test_session": self.start_session,
-            "pause_test_session": self._transition_to(Status.PAUSED),
-            "resume_test_session": self._transition_to(Status.RUNNING),
+            "pause_test_session": self._control(Verb.PAUSE),
+            "resume_test_session": self._control(Verb.RESUME),
             "stop_test_session": self.stop_session,
             "publish_detection": self.publish_detection,
             "publish_detections": self.publish_detections,
@@ -356,17 +356,17 @@ class Realtime:
         self.feeds.resync(session.id)
         return {"session": session.view()}
 
-    def _transition_to(self, target: Status) -> Handler:
+    def _control(self, verb: Verb) -> Handler:
         async def change(sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
             req = SessionRef.parse(payload)
-            session = await self.hub.transition(conn.principal, req.session_id, target)
+            session = await self.hub.transition(conn.principal, req.session_id, verb)
             return {"session": session.view()}
 
         return change
 
     async def stop_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         req = StopRequest.parse(payload)
-        session = await self.hub.transition(conn.principal, req.session_id, Status.STOPPED, req.reason)
+        session = await self.hub.transition(conn.principal, req.session_id, Verb.STOP, req.reason)
         return {"session": session.view()}
 
     async def publish_detection(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:

@@ -26,26 +26,30 @@ class Status(enum.StrEnum):
     STOPPED = "stopped"
 
 
+class Verb(enum.StrEnum):
+    """A control action; each moves a session along its own arrows only (resuming a created
+    session or starting a paused one is an invalid transition, not a synonym)."""
+
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+
+
+MOVES: dict[Verb, tuple[frozenset[Status], Status]] = {
+    Verb.START: (frozenset({Status.CREATED}), Status.RUNNING),
+    Verb.PAUSE: (frozenset({Status.RUNNING}), Status.PAUSED),
+    Verb.RESUME: (frozenset({Status.PAUSED}), Status.RUNNING),
+    Verb.STOP: (frozenset({Status.RUNNING, Status.PAUSED}), Status.STOPPED),
+}
+
+# Derived views of MOVES: which statuses follow which, and the verb of each arrow (for the audit).
 ALLOWED: dict[Status, frozenset[Status]] = {
-    Status.CREATED: frozenset({Status.RUNNING}),
-    Status.RUNNING: frozenset({Status.PAUSED, Status.STOPPED}),
-    Status.PAUSED: frozenset({Status.RUNNING, Status.STOPPED}),
-    Status.STOPPED: frozenset(),
+    status: frozenset(target for sources, target in MOVES.values() if status in sources) for status in Status
 }
-
-# The audit log names control actions by the verb the operator used.
 ACTIONS: dict[tuple[Status, Status], str] = {
-    (Status.CREATED, Status.RUNNING): "start",
-    (Status.RUNNING, Status.PAUSED): "pause",
-    (Status.PAUSED, Status.RUNNING): "resume",
-    (Status.RUNNING, Status.STOPPED): "stop",
-    (Status.PAUSED, Status.STOPPED): "stop",
+    (source, target): verb.value for verb, (sources, target) in MOVES.items() for source in sources
 }
-
-# The verb a caller means when it only names the target: running is reached by `resume`; `start`
-# says so explicitly. A verb moves along its own arrow only: resuming a created session or
-# starting a paused one is an invalid transition, not a synonym.
-DEFAULT_VERB: dict[Status, str] = {Status.RUNNING: "resume", Status.PAUSED: "pause", Status.STOPPED: "stop"}
 
 
 def iso(moment: datetime) -> str:
@@ -208,18 +212,16 @@ class Hub:
     async def start(self, who: Principal, req: StartRequest) -> Session:
         if req.session_id is None:
             created = await self.create(who, req.name, req.config)
-            return await self.transition(who, created.id, Status.RUNNING, verb="start")
-        return await self.transition(who, req.session_id, Status.RUNNING, verb="start")
+            return await self.transition(who, created.id, Verb.START)
+        return await self.transition(who, req.session_id, Verb.START)
 
-    async def transition(
-        self, who: Principal, session_id: str, target: Status, reason: str | None = None, *, verb: str | None = None
-    ) -> Session:
+    async def transition(self, who: Principal, session_id: str, verb: Verb, reason: str | None = None) -> Session:
         who.require(Action.CONTROL, session_id)
-        verb = verb or DEFAULT_VERB.get(target)
+        sources, target = MOVES[verb]
         session = await self._existing(session_id)
         # A lost compare-and-set means another node moved the session meanwhile: judge again on fresh state.
         for _ in range(3):
-            if target not in ALLOWED[session.status] or ACTIONS.get((session.status, target)) != verb:
+            if session.status not in sources:
                 raise ProtocolError(
                     ErrorCode.INVALID_TRANSITION,
                     f"session '{session_id}' is {session.status.value}; it cannot {verb} (become {target.value})",

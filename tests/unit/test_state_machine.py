@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.sessions import ACTIONS, ALLOWED, DEFAULT_VERB, Session, Status, StoredDetection, Transition
+from server.sessions import ACTIONS, ALLOWED, MOVES, Session, Status, StoredDetection, Transition, Verb
 
 pytestmark = pytest.mark.unit
 
@@ -49,9 +49,11 @@ def test_every_allowed_arrow_has_the_verb_that_takes_it() -> None:
     assert ACTIONS == CONTRACT_VERBS
 
 
-def test_a_target_alone_means_resume_pause_or_stop_never_start() -> None:
-    # Handlers that only name the target (resume/pause/stop) must not start a created session.
-    assert DEFAULT_VERB == {Status.RUNNING: "resume", Status.PAUSED: "pause", Status.STOPPED: "stop"}
+def test_each_verb_moves_only_from_its_own_sources() -> None:
+    # resume must not start a created session, and start must not resume a paused one.
+    assert MOVES[Verb.RESUME][0] == {Status.PAUSED}
+    assert MOVES[Verb.START][0] == {Status.CREATED}
+    assert {verb.value for verb in Verb} == {"start", "pause", "resume", "stop"}
 
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
