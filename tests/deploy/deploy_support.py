@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -23,6 +26,19 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
 NGINX_CONF = ROOT / "nginx.conf"
 OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import one of deploy/'s scripts (they are not a package) by its path."""
+    name = f"deploy_script_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_yaml_documents(path: Path) -> list[Any]:
@@ -129,8 +145,9 @@ def _configmap_hash(data: dict[str, str]) -> str:
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """A small kustomize for what deploy/k8s uses: resources, namespace, labels (without selectors),
-    configMapGenerator (literals and files, with a name hash and references rewritten) and images."""
+    """A small kustomize for what deploy/k8s uses: resources, namespace, labels (never on selectors,
+    on pod templates when asked), configMapGenerator (literals and files, with a name hash and
+    references rewritten) and images. kubectl's kustomize, where installed, must agree with it."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     known = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator", "images"}
     unknown = set(kustomization) - known
@@ -153,10 +170,13 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
         resources.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
     namespace = kustomization.get("namespace")
     labels: dict[str, str] = {}
+    template_labels: dict[str, str] = {}
     for entry in kustomization.get("labels", []):
         if entry.get("includeSelectors"):
             raise ValueError("the test renderer does not support includeSelectors: true")
         labels.update(entry["pairs"])
+        if entry.get("includeTemplates"):
+            template_labels.update(entry["pairs"])
     images = {image["name"]: image for image in kustomization.get("images", [])}
     for resource in resources:
         meta = resource.setdefault("metadata", {})
@@ -165,7 +185,7 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
         meta.setdefault("labels", {}).update(labels)
         template = resource.get("spec", {}).get("template")
         if template:
-            template.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+            template.setdefault("metadata", {}).setdefault("labels", {}).update(template_labels)
             pod = template["spec"]
             for container in pod.get("containers", []) + pod.get("initContainers", []):
                 repo, _, tag = container["image"].partition(":")
@@ -275,3 +295,25 @@ def _docker_match(pattern: str, path: str) -> bool:
 def dockerignore_patterns(path: Path = ROOT / ".dockerignore") -> list[str]:
     lines = [line.strip() for line in path.read_text().splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
+
+
+# ---- the code's own endpoints ---------------------------------------------------------------------
+
+
+def http_routes() -> set[str]:
+    """Paths of the HTTP routes a node serves (GET /health, /ready, /metrics, the API)."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings.from_env({}, database_url="sqlite+aiosqlite:///:memory:"))
+    return {route.path for route in app.node.http.routes()}
+
+
+def serve_port(argv: list[str]) -> int:
+    """The port of a `testpulse serve ...` command line, parsed by the real CLI."""
+    from server.cli import parser
+
+    assert argv[0] == "testpulse", argv
+    args = parser().parse_args(argv[1:])
+    assert args.command == "serve", argv
+    return int(args.port)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
-from deploy_support import DEPLOY, OPERATIONS, ROOT
+from deploy_support import DEPLOY, OPERATIONS, ROOT, load_script
 
 from server.settings import Settings, env_name
 
@@ -19,11 +18,7 @@ SETTINGS_VARIABLES = {env_name(f.name) for f in dataclasses.fields(Settings)}
 
 
 def sync_docs():
-    spec = importlib.util.spec_from_file_location("testpulse_sync_docs", DEPLOY / "sync_docs.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEPLOY / "sync_docs.py")
 
 
 def deploy_files():

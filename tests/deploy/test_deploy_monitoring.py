@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -20,6 +19,7 @@ from deploy_support import (
     dashboard_exprs,
     exposed_metric_names,
     label_values_metric,
+    load_script,
     promql_metric_names,
 )
 
@@ -190,10 +190,7 @@ def test_alert_rules_use_only_metrics_the_nodes_expose(exposed):
 
 
 def test_committed_dashboard_is_what_dashboard_py_generates():
-    spec = importlib.util.spec_from_file_location("testpulse_dashboard", GRAFANA / "dashboard.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(GRAFANA / "dashboard.py")
     assert DASHBOARD.read_text() == module.render(), "run: .venv/bin/python deploy/grafana/dashboard.py"
 
 

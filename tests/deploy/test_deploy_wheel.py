@@ -1,0 +1,137 @@
+"""The image's recipe without Docker: build the wheel from what the Dockerfile copies, install it into a
+fresh virtualenv, run the image's start command there and probe it the way the HEALTHCHECK does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+from deploy_support import ROOT, dockerfile_instructions, exec_form
+from support.processes import free_port, port_is_open, running, spawn
+
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
+
+
+def declares_asyncio_sqlalchemy() -> bool:
+    """SQLAlchemy 2.1 no longer installs greenlet, which its asyncio extension needs; the project must
+    ask for it (`sqlalchemy[asyncio]` or `greenlet`) or the image's node cannot start."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.split(r"[<>=!~;\s]", dep, maxsplit=1)[0].lower() for dep in dependencies]
+    return any(name == "greenlet" or (name.startswith("sqlalchemy[") and "asyncio" in name) for name in names)
+
+
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+
+
+def pip(*args: str, cwd: Path) -> None:
+    result = subprocess.run([*PIP, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def build_context(into: Path) -> Path:
+    """Copy exactly what the builder stage COPYs, so the wheel is built from the image's context."""
+    src = into / "src"
+    src.mkdir()
+    for instruction in dockerfile_instructions():
+        if instruction.stage == 0 and instruction.keyword == "COPY":
+            *sources, _dest = instruction.args.split()
+            for source in sources:
+                origin = ROOT / source
+                if origin.is_dir():
+                    shutil.copytree(origin, src / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    shutil.copy2(origin, src / source)
+    return src
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv with only the built wheel (and its dependencies) installed; returns its bin/."""
+    work = tmp_path_factory.mktemp("wheel")
+    src = build_context(work)
+    dist = work / "dist"
+    pip("wheel", "--no-deps", "--wheel-dir", str(dist), str(src), cwd=work)
+    (wheel,) = dist.glob("testpulse-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    pip("--python", str(venv / "bin" / "python"), "install", str(wheel), cwd=work)
+    return venv / "bin"
+
+
+def test_wheel_installs_the_server_package_and_the_testpulse_script(installed: Path, tmp_path: Path):
+    where = subprocess.run(
+        [str(installed / "python"), "-c", "import server, sys; print(server.__file__)"],
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(installed.parent), f"imported the source tree: {where}"
+    assert (installed / "testpulse").exists()
+    check = subprocess.run(
+        [*PIP, "--python", str(installed / "python"), "check"], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(
+    not declares_asyncio_sqlalchemy(),
+    reason="pyproject.toml does not depend on greenlet / sqlalchemy[asyncio]: the installed wheel cannot start",
+    strict=True,
+)
+async def test_image_start_command_serves_health_in_the_installed_wheel(installed: Path, tmp_path: Path):
+    cmd = exec_form(next(i.args for i in dockerfile_instructions() if i.keyword == "CMD"))
+    port = free_port()
+    argv = [str(installed / cmd[0]), *cmd[1:]]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--host") + 1] = "127.0.0.1"  # the image binds 0.0.0.0; loopback is enough here
+    env = {
+        "PATH": f"{installed}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "TESTPULSE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'testpulse.db'}",
+        "TESTPULSE_NODE_ID": "wheel-test",
+        "TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS": "5",
+    }
+    healthcheck = next(i.args for i in dockerfile_instructions() if i.keyword == "HEALTHCHECK")
+    probe = exec_form(healthcheck.split(" CMD ", 1)[1])
+    probe = [str(installed / probe[0]), probe[1], probe[2].replace(":8000/", f":{port}/")]
+
+    async def healthy() -> bool:
+        check = await asyncio.create_subprocess_exec(
+            *probe, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env, cwd=tmp_path
+        )
+        return await check.wait() == 0
+
+    node = await spawn("testpulse-wheel", argv, log_path=tmp_path / "node.log", env=env, cwd=tmp_path)
+    async with running(node, healthy, ready_timeout=30, stop_timeout=15):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            health = await http.get("/health")
+            assert (health.status_code, health.json()) == (200, {"status": "healthy"})
+            ready = await http.get("/ready")
+            assert ready.status_code == 200, ready.text
+            metrics = await http.get("/metrics")
+            assert 'testpulse_node_info{node="wheel-test"' in metrics.text
+            # The proxy routes on the node id at the start of every Engine.IO sid.
+            handshake = await http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
+            assert handshake.status_code == 200 and handshake.text.startswith("0{"), handshake.text
+            assert json.loads(handshake.text[1:])["sid"].startswith("wheel-test.")
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(node.proc.wait(), 15)
+        assert code == 0, node.log_tail()
+        assert time.monotonic() - started < 5 + 5, "drain exceeded TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS"
+    assert not port_is_open(port)
