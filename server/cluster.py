@@ -293,6 +293,21 @@ class Cluster:
             "nodes": [{"id": s.node_id, "url": s.url, "pid": self.processes[s.node_id].pid} for s in self.specs],
         }
 
+    def restart_node(self, node_id: str, grace: float = 15.0, timeout: float = 30.0) -> None:
+        """Drain one node (SIGTERM), wait for it to exit, start it again on the same port and id.
+        Doing this node by node is a rolling restart: nginx sends handshakes to the others meanwhile."""
+        spec = next(s for s in self.specs if s.node_id == node_id)
+        proc = self.processes[node_id]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._start_node(spec)
+        wait_http_ok(f"{spec.url}/ready", time.monotonic() + timeout, self.processes[node_id])
+
     def dead_children(self) -> list[str]:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
@@ -332,8 +347,15 @@ def run(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
+    rolling = False
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        nonlocal rolling
+        rolling = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         cluster.start()
     except ClusterError as exc:
@@ -343,7 +365,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info), flush=True)
     else:
-        print(f"testpulse cluster is up: {info['proxy']}  (Ctrl-C stops everything)", flush=True)
+        print(
+            f"testpulse cluster is up: {info['proxy']}  (Ctrl-C stops all; SIGHUP restarts nodes one by one)",
+            flush=True,
+        )
         for node in info["nodes"]:
             print(f"  {node['id']}: {node['url']}  (pid {node['pid']})", flush=True)
         print(f"  redis: {info['redis']}\n  database: {info['database']}\n  logs: {info['run_dir']}/logs", flush=True)
@@ -351,6 +376,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  prometheus: {info['prometheus']}", flush=True)
     reported: set[str] = set()
     while not stopping:
+        if rolling:
+            rolling = False
+            for spec in cluster.specs:
+                print(f"testpulse cluster: rolling restart of {spec.node_id}", flush=True)
+                cluster.restart_node(spec.node_id)
+            reported.clear()
         for name in cluster.dead_children():
             if name not in reported:
                 reported.add(name)
