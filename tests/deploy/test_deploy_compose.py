@@ -16,7 +16,7 @@ from deploy_support import COMPOSE, DEPLOY, ROOT, dockerfile_instructions, exec_
 
 from server.settings import Settings
 
-pytestmark = [pytest.mark.deploy, pytest.mark.unit]
+pytestmark = pytest.mark.deploy
 
 NODES = ("node1", "node2", "node3")
 

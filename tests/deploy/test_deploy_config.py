@@ -12,7 +12,7 @@ from deploy_support import DEPLOY, OPERATIONS, ROOT, load_script
 
 from server.settings import Settings, env_name
 
-pytestmark = [pytest.mark.deploy, pytest.mark.unit]
+pytestmark = pytest.mark.deploy
 
 SETTINGS_VARIABLES = {env_name(f.name) for f in dataclasses.fields(Settings)}
 

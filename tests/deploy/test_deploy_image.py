@@ -20,7 +20,7 @@ from deploy_support import (
 
 from server.cli import parser
 
-pytestmark = [pytest.mark.deploy, pytest.mark.unit]
+pytestmark = pytest.mark.deploy
 
 
 def final_stage() -> list:

@@ -23,7 +23,7 @@ from deploy_support import (
     promql_metric_names,
 )
 
-pytestmark = [pytest.mark.deploy, pytest.mark.unit]
+pytestmark = pytest.mark.deploy
 
 PROMETHEUS_CONFIGS = ["prometheus.yml", "compose.yml", "kubernetes.yml"]
 DASHBOARD = GRAFANA / "dashboards" / "testpulse.json"

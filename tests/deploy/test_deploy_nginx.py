@@ -14,7 +14,7 @@ from deploy_support import COMPOSE, DEPLOY, K8S, NGINX_CONF, load_script
 
 from server.app import sid_tag
 
-pytestmark = [pytest.mark.deploy, pytest.mark.unit]
+pytestmark = pytest.mark.deploy
 
 RENDERED = {"compose": DEPLOY / "nginx" / "compose.conf", "kubernetes": K8S / "nginx.conf"}
 
