@@ -70,6 +70,7 @@ class Node:
 
     async def start(self) -> None:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
+        metrics.NODE_DRAINING.set(0)
         metrics.initialize_series([*self.realtime.handlers(), "unknown"], [code.value for code in ErrorCode])
         await self.db.create_schema()
         self.log.start()
@@ -87,6 +88,7 @@ class Node:
         if self.draining:
             return
         self.draining = True
+        metrics.NODE_DRAINING.set(1)
         await self.realtime.disconnect_all("server_draining", "this node is shutting down; reconnect")
         await self.log.close(self.settings.shutdown_timeout_seconds)
         if self.cluster is not None:

@@ -310,6 +310,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 backoff = min(backoff * 2, self._backoff_max)
                 continue
             backoff = 0.05
+            metrics.REDIS_PUBLISHED.inc(len(batch))
             for _ in batch:
                 self._outbox.popleft()
             if not self._outbox:

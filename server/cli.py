@@ -46,7 +46,7 @@ class DrainingServer:
             access_log=False,
             lifespan="on",
             proxy_headers=True,
-            forwarded_allow_ips="127.0.0.1",
+            forwarded_allow_ips=",".join(settings.trusted_proxies),
         )
         self.server = uvicorn.Server(config)
         self.node = app.node

@@ -32,6 +32,7 @@ STORE_BATCH_SIZE = Histogram(
     "Detections committed per store transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
+WRITE_QUEUE_DEPTH = Gauge("testpulse_write_queue_depth", "Detections waiting for their store transaction now.")
 WRITE_QUEUE_REJECTED = Counter(
     "testpulse_write_queue_rejected_total", "Publishes refused with `unavailable` because the store queue was full."
 )
@@ -52,6 +53,8 @@ SESSIONS_BY_STATUS = Gauge(
 EVENT_LOOP_LAG_SECONDS = Gauge(
     "testpulse_event_loop_lag_seconds", "How late this node's event loop ran a timer, sampled every second."
 )
+NODE_DRAINING = Gauge("testpulse_node_draining", "1 while this node drains before shutting down, else 0.")
+REDIS_PUBLISHED = Counter("testpulse_redis_published_total", "Cross-node messages published to Redis.")
 REDIS_PUBLISH_FAILURES = Counter(
     "testpulse_redis_publish_failures_total", "Cross-node messages that could not be published to Redis."
 )

@@ -134,8 +134,10 @@ Handler = Callable[[str, Connection, Any], Awaitable[dict[str, Any]]]
 
 
 def client_address(environ: dict[str, Any]) -> str:
-    # Behind our nginx, X-Real-IP is set by the proxy itself; direct clients have REMOTE_ADDR.
-    return str(environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR") or "unknown")
+    # uvicorn has already replaced the peer with X-Forwarded-For when the peer is a trusted proxy
+    # (TESTPULSE_TRUSTED_PROXIES); Engine.IO's own REMOTE_ADDR is a constant.
+    client = environ.get("asgi.scope", {}).get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def bearer_token(header: str | None) -> str | None:

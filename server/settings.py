@@ -53,6 +53,10 @@ class Settings:
         default=("*",),
         metadata={"doc": "CORS/WebSocket origins allowed, comma separated (`*` for any, refused in production)"},
     )
+    trusted_proxies: tuple[str, ...] = field(
+        default=("127.0.0.1",),
+        metadata={"doc": "addresses whose X-Forwarded-For is believed (the proxy), comma separated; `*` for any"},
+    )
     max_payload_bytes: int = field(
         default=1_048_576, metadata={"doc": "largest Socket.IO message or HTTP body accepted"}
     )

@@ -67,6 +67,7 @@ class GroupCommitLog:
         done: asyncio.Future[list[StoredDetection]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(session_id, items, done))
         self._pending_items += len(items)
+        metrics.WRITE_QUEUE_DEPTH.set(self._pending_items)
         self._wakeup.set()
         # shield: a publisher that disconnects mid-write must not cancel a commit others share.
         return await asyncio.shield(done)
@@ -82,6 +83,7 @@ class GroupCommitLog:
             batch.append(pending)
             items += len(pending.items)
         self._pending_items -= items
+        metrics.WRITE_QUEUE_DEPTH.set(self._pending_items)
         return batch
 
     async def _run(self) -> None:
