@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -102,6 +105,28 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         REDIS_MESSAGES_RECEIVED.labels(kind)
 
 
+class _Off:
+    """Stands in for every metric when TESTPULSE_METRICS_ENABLED=false (to measure what metrics cost)."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Off:
+        return self
+
+    def inc(self, *args: Any) -> None: ...
+
+    def dec(self, *args: Any) -> None: ...
+
+    def set(self, *args: Any) -> None: ...
+
+    def observe(self, *args: Any) -> None: ...
+
+
+def _switch_off() -> None:
+    for name, value in list(globals().items()):
+        if isinstance(value, Counter | Gauge | Histogram):
+            REGISTRY.unregister(value)
+            globals()[name] = _Off()
+
+
 def reference() -> str:
     """The metric list as a Markdown table (docs/metrics.md is this, kept in sync by a test)."""
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
@@ -112,3 +137,9 @@ def reference() -> str:
             labels = ", ".join(f"`{label}`" for label in value._labelnames) or "-"
             rows.append(f"| `{name}` | {kind} | {labels} | {value._documentation} |")
     return "\n".join(rows) + "\n"
+
+
+# Read here, not from Settings: other modules bind metric children when they are imported, before
+# any Settings exists. Settings validates the same variable.
+if os.environ.get("TESTPULSE_METRICS_ENABLED", "true").strip().lower() in ("0", "false", "no", "off"):
+    _switch_off()

@@ -89,6 +89,9 @@ class Settings:
         default_factory=_default_node_id,
         metadata={"doc": "this node's name in `connection_status` and metrics (default host-pid)"},
     )
+    metrics_enabled: bool = field(
+        default=True, metadata={"doc": "serve Prometheus metrics; `false` only to measure what they cost"}
+    )
     log_level: str = field(default="info", metadata={"doc": "log level: debug, info, warning, error"})
 
     @property
@@ -183,6 +186,15 @@ def _csv(name: str, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
 def _text(name: str, raw: str) -> str:
     return raw
 
@@ -191,6 +203,8 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str, str], Any]:
     annotation = str(f.type)
     if annotation.startswith("tuple"):
         return _csv
+    if annotation == "bool":
+        return _boolean
     if annotation == "int":
         return _number(int)
     if annotation == "float":
