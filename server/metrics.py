@@ -88,7 +88,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         CONNECTED_CLIENTS.labels(transport)
     for kind in ("event", "handshake"):
         RATE_LIMITED.labels(kind)
-    for event in ("connection_status", "test_session_update", "detection_event", "error"):
+    for event in ("connection_status", "test_session_update", "detection_event", "detection_batch", "error"):
         EVENTS_EMITTED.labels(event)
     for kind in (
         "detections",

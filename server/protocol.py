@@ -15,6 +15,7 @@ LABEL_MAX = 128
 REASON_MAX = 500
 JSON_OBJECT_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
+BATCH_WINDOW_MAX_MS = 1000
 
 
 class ErrorCode(enum.StrEnum):
@@ -156,6 +157,8 @@ class SessionRef:
 class JoinRequest:
     session_id: str
     last_seq: int | None
+    # Extension: 1..1000 asks for `detection_batch` events at most every batch_ms milliseconds.
+    batch_ms: int = 0
 
     @classmethod
     def parse(cls, payload: object) -> JoinRequest:
@@ -163,7 +166,12 @@ class JoinRequest:
         last_seq = data.get("last_seq")
         if last_seq is not None and (not _is_int(last_seq) or last_seq < 0):
             raise bad("last_seq", "must be an integer >= 0")
-        return cls(session_id_field(data), last_seq)
+        batch_ms = data.get("batch_ms", 0)
+        if batch_ms is None:
+            batch_ms = 0
+        if not _is_int(batch_ms) or not 0 <= batch_ms <= BATCH_WINDOW_MAX_MS:
+            raise bad("batch_ms", f"must be an integer from 0 to {BATCH_WINDOW_MAX_MS}")
+        return cls(session_id_field(data), last_seq, batch_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -336,7 +336,7 @@ class Realtime:
         await self.sio.enter_room(sid, room)
         try:
             session = await self.hub.get(conn.principal, req.session_id)
-            replayed = await self.feeds.join(sid, session, req.last_seq)
+            replayed = await self.feeds.join(sid, session, req.last_seq, req.batch_ms)
         except ProtocolError:
             if req.session_id not in self.feeds.sessions_of(sid):
                 await self.sio.leave_room(sid, room)
