@@ -42,6 +42,7 @@ log = logging.getLogger("testpulse.broker")
 
 _UPDATES = metrics.EVENTS_EMITTED.labels("test_session_update")
 ROOM_PREFIX = "session:"
+BACKPRESSURE_PATIENCE_SECONDS = 2.0  # a publisher held longer than this is told rate_limited
 SIGNATURE_BYTES = 16
 
 
@@ -57,6 +58,9 @@ class NodeBroadcast:
     async def session_changed(self, transition: Transition) -> None:
         await self._sio.emit("test_session_update", transition.update(), room=session_room(transition.session.id))
         _UPDATES.inc()
+
+    async def admit(self, session_id: str) -> None:
+        await self._feeds.wait_for_room(session_id, patience=BACKPRESSURE_PATIENCE_SECONDS)
 
     async def detections(self, session_id: str, items: list[StoredDetection]) -> None:
         self._feeds.offer(session_id, items)

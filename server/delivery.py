@@ -65,6 +65,15 @@ class Feed:
     joining: int = 0
     catch_up: asyncio.Task[None] | None = None
     catch_up_wanted: bool = False
+    # Backpressure: cleared while some member's queue is above the high-water mark.
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    room_watch: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.room.set()
+
+    def sockets(self) -> list[Any]:
+        return [*self.live.values(), *(s for w in self.windows.values() for s in w.members.values())]
 
     def member_count(self) -> int:
         return len(self.live) + sum(len(w.members) for w in self.windows.values())
@@ -87,6 +96,8 @@ class Feeds:
         self._queue_max = client_queue_max
         self._gap_delay = gap_fill_delay
         self._on_slow = on_slow_consumer
+        self._high_water = max(1, client_queue_max // 4)
+        self._low_water = client_queue_max // 10
         self._feeds: dict[str, Feed] = {}
         self._memberships: dict[str, set[str]] = {}  # sid -> session ids it joined here
 
@@ -256,6 +267,7 @@ class Feeds:
             return
         pkt = self._packet("detection_event", item.event())
         sent = 0
+        deepest = 0
         for sid, socket in list(feed.live.items()):
             if feed.ahead:
                 floor = feed.ahead.get(sid)
@@ -265,13 +277,43 @@ class Feeds:
                     del feed.ahead[sid]
             if socket.closed:
                 continue
-            if socket.queue.qsize() >= self._queue_max:
+            depth = socket.queue.qsize()
+            if depth >= self._queue_max:
                 feed.live.pop(sid, None)
                 self._on_slow(sid)
                 continue
+            deepest = max(deepest, depth)
             socket.queue.put_nowait(pkt)
             sent += 1
         _EMITTED.inc(sent)
+        if deepest >= self._high_water and feed.room.is_set():
+            feed.room.clear()
+            feed.room_watch = asyncio.create_task(self._watch_room(feed), name=f"backpressure {feed.session_id}")
+
+    async def wait_for_room(self, session_id: str, patience: float) -> None:
+        """Hold a publisher while this node's viewers of the session are far behind, so that an
+        overloaded node slows its publishers instead of queueing without end. Returns at once (no
+        suspension) in the normal case; raises rate_limited when the viewers stay behind."""
+        feed = self._feeds.get(session_id)
+        if feed is None or feed.room.is_set():
+            return
+        try:
+            await asyncio.wait_for(feed.room.wait(), patience)
+        except TimeoutError:
+            metrics.RATE_LIMITED.labels("backpressure").inc()
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, "viewers of this session are behind; slow down and retry"
+            ) from None
+
+    async def _watch_room(self, feed: Feed) -> None:
+        try:
+            while self._feeds.get(feed.session_id) is feed:
+                await asyncio.sleep(0.02)
+                if max((s.queue.qsize() for s in feed.sockets() if not s.closed), default=0) <= self._low_water:
+                    break
+        finally:
+            feed.room.set()
+            feed.room_watch = None
 
     def _flush(self, feed: Feed, window: Window) -> None:
         if window.timer is not None:
@@ -332,6 +374,7 @@ class Feeds:
             for window in feed.windows.values():
                 if window.timer is not None:
                     window.timer.cancel()
+            feed.room.set()
 
     def _socket(self, sid: str) -> Any:
         eio_sid = self._sio.manager.eio_sid_from_sid(sid, "/")

@@ -86,7 +86,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         DISCONNECTS.labels(reason)
     for transport in ("polling", "websocket"):
         CONNECTED_CLIENTS.labels(transport)
-    for kind in ("event", "handshake"):
+    for kind in ("event", "handshake", "backpressure"):
         RATE_LIMITED.labels(kind)
     for event in ("connection_status", "test_session_update", "detection_event", "detection_batch", "error"):
         EVENTS_EMITTED.labels(event)

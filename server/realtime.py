@@ -65,6 +65,10 @@ class PollingSafeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc
 POLL_PACKETS_MAX = 16
 
 
+# Handler names python-socketio uses itself; a client event by these names is an unknown event.
+RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "*"})
+
+
 class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
     proxy can send every later request of a session (long-polling, upgrade) to the node that holds
@@ -110,6 +114,13 @@ class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None
     ) -> None:
         _wants_ack.set(id is not None)
+        name = data[0] if data else None
+        if not isinstance(name, str) or name in RESERVED_EVENTS:
+            # python-socketio dispatches whatever name a client sends: `connect` would re-run the
+            # handshake on a forged environ (a fresh rate-limit bucket, another token), `disconnect`
+            # would drop a live client's state, `*` would call the catch-all with shifted arguments
+            # (an `error` event to any sid or room). A quoted name matches no handler: unknown event.
+            data = [repr(name)[:80], *data[1:]]
         await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
 
 

@@ -170,6 +170,11 @@ class Broadcast(Protocol):
 
     async def session_changed(self, transition: Transition) -> None: ...
 
+    async def admit(self, session_id: str) -> None:
+        """Return when the session's viewers can take more; raise ProtocolError(rate_limited) when
+        they stay behind. Must not suspend when they keep up (publishers rely on their order)."""
+        ...
+
     async def detections(self, session_id: str, items: list[StoredDetection]) -> None: ...
 
 
@@ -235,6 +240,7 @@ class Hub:
 
     async def publish(self, who: Principal, req: PublishRequest) -> list[StoredDetection]:
         who.require(Action.PUBLISH, req.session_id)
+        await self._broadcast.admit(req.session_id)
         stored = await self._log.append(req.session_id, req.detections)
         await self._broadcast.detections(req.session_id, stored)
         return stored
