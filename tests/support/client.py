@@ -76,14 +76,28 @@ class Client:
         """Connect with `auth={'token': token}` (or the raw `auth` given); raises socketio's ConnectionError."""
         if auth is None and token is not None:
             auth = {"token": token}
-        await self.sio.connect(
-            url,
-            auth=auth,
-            headers=headers or {},
-            transports=TRANSPORTS[transport],
-            wait_timeout=wait_timeout,
+        connecting = asyncio.ensure_future(
+            self.sio.connect(
+                url,
+                auth=auth,
+                headers=headers or {},
+                transports=TRANSPORTS[transport],
+                wait_timeout=wait_timeout,
+            )
         )
+        while not connecting.done():
+            await asyncio.wait({connecting}, timeout=0.5)
+            if not connecting.done() and self.connect_errors:
+                # Refused: the client is closing its Engine.IO session, which over polling waits
+                # for the server's pending long-poll (see disconnect()); cut it short.
+                await self._close_http()
+        await connecting
         return self
+
+    async def _close_http(self) -> None:
+        http = self.sio.eio.http
+        if http is not None and not http.closed:
+            await http.close()
 
     async def disconnect(self) -> None:
         if self.sio.connected:
@@ -92,9 +106,7 @@ class Client:
             if not done:
                 # python-engineio's server leaves a pending long-poll GET unanswered after the
                 # client's CLOSE until its ping deadline (~45 s); closing our HTTP session ends it now.
-                http = self.sio.eio.http
-                if http is not None and not http.closed:
-                    await http.close()
+                await self._close_http()
             await closing
         await self.sio.shutdown()
 

@@ -15,13 +15,13 @@ from server.settings import Settings
 from support.client import Client
 from support.processes import RunningNode, run_node
 
-TEST_SECRET = "testpulse-test-secret-0123456789abcdef-XYZ"
+TEST_SECRET = "testpulse-test-secret-" + "0123456789abcdef" * 3  # >= 64 bytes, so HS512 tokens are fine
 AUDIENCE = "testpulse-tests"
 
 # Short drains keep teardown fast; the contract itself does not depend on them.
 BASE_ENV = {
     "TESTPULSE_JWT_SECRET": TEST_SECRET,
-    "TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS": "3",
+    "TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS": "1",
     "TESTPULSE_LOG_LEVEL": "info",
 }
 
