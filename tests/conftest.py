@@ -51,7 +51,7 @@ async def postgres_url(postgres: OnDemandPostgres) -> str:
 CONTRACT_ENV = {
     # High enough that the concurrency and replay tests never meet the limiter; the rate_limited
     # test floods past the burst on purpose.
-    "TESTPULSE_RATE_LIMIT_PER_SECOND": "2000",
+    "TESTPULSE_RATE_LIMIT_PER_SECOND": "1000",
     "TESTPULSE_RATE_LIMIT_BURST": "300",
 }
 
