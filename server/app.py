@@ -167,18 +167,23 @@ def _is_handshake(scope: dict[str, Any]) -> bool:
 
 
 async def _refuse_draining(scope: dict[str, Any], send: Any) -> None:
+    # A WebSocket closed before accept is answered 403 by uvicorn, which the proxy does not retry:
+    # send a real 503 through the ASGI denial-response extension wherever the server has it.
+    prefix = "http.response"
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1013})
-        return
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        prefix = "websocket.http.response"
     body = json.dumps({"error": {"code": "server_draining", "message": "this node is draining"}}).encode()
     await send(
         {
-            "type": "http.response.start",
+            "type": f"{prefix}.start",
             "status": 503,
             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{prefix}.body", "body": body})
 
 
 def sid_tag(node_id: str) -> str:

@@ -382,3 +382,107 @@ async def _start_node(
             if port is not None or not lost_race or attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+# ---- Redis -------------------------------------------------------------------------------------
+
+
+async def redis_answers(port: int, host: str = HOST) -> bool:
+    """True when a Redis server on `port` answers PING."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a fixed port that a test may stop, kill and start again (same port,
+    empty dataset: nothing is persisted), e.g. to restart Redis under a running cluster."""
+
+    port: int
+    workdir: Path
+    process: Process | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    async def start(self, ready_timeout: float = 15.0) -> None:
+        assert not self.running, "redis-server is already running"
+        self.starts += 1
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process = await spawn(
+            f"redis-server :{self.port}",
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+            ],
+            log_path=self.workdir / "redis.log",
+        )
+        try:
+            await until_ready(self.process, lambda: redis_answers(self.port), deadline=ready_timeout)
+        except ProcessFailed:
+            await self.process.stop(5.0)
+            raise
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        """SIGTERM (SIGKILL after `deadline`), then prove the process is gone and the port closed."""
+        if self.process is not None:
+            await self.process.stop(deadline)
+        assert not port_is_open(self.port), f"port {self.port} still accepts connections after redis stopped"
+
+    async def kill(self) -> None:
+        """SIGKILL: Redis vanishes without closing anything gracefully."""
+        if self.process is not None and self.process.running:
+            self.process._signal_group(signal.SIGKILL)
+        await self.stop(5.0)
+
+
+@asynccontextmanager
+async def run_redis(port: int | None = None, *, workdir: Path | None = None) -> AsyncIterator[RedisServer]:
+    """A redis-server on `port` (a free one by default); stopped and proven gone on exit."""
+    own_dir = workdir is None
+    folder = Path(tempfile.mkdtemp(prefix="tp-redis-")) if workdir is None else workdir
+    folder.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        server = RedisServer(port if port is not None else free_port(), folder)
+        try:
+            await server.start()
+            break
+        except ProcessFailed:
+            lost_race = server.process is not None and "address already in use" in server.process.log_tail().lower()
+            if port is not None or not lost_race or attempt == 2:
+                raise
+    try:
+        yield server
+    finally:
+        try:
+            await server.stop()
+        finally:
+            if own_dir:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,127 @@
+"""Redis restarted or its subscribers kicked out: local delivery goes on, cross-node delivery comes back,
+and every viewer still sees every acked seq once, in order."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from support.client import detection
+from support.cluster import (
+    OpenClient,
+    Publisher,
+    RunningCluster,
+    Viewer,
+    Watch,
+    control_subscribers,
+    http_status,
+    redis_client,
+    stored_events,
+)
+from support.processes import RedisServer, wait_until
+
+pytestmark = pytest.mark.faults
+
+
+async def one_viewer_per_node(viewers: Watch, cluster: RunningCluster, session_id: str) -> list[Viewer]:
+    """Viewers connected straight to each node (a Redis outage must not move anyone)."""
+    return await viewers(session_id, [n.url for n in cluster.nodes])
+
+
+async def statuses(cluster: RunningCluster, path: str) -> dict[str, int | None]:
+    return {n.id: await http_status(f"{n.url}{path}") for n in cluster.nodes}
+
+
+async def finish(publisher: Publisher, watching: list[Viewer], cluster: RunningCluster) -> int:
+    """Stop publishing; every viewer must then hold exactly the seqs 1..last, the same the store holds."""
+    acked = await publisher.stop()
+    assert acked == list(range(1, len(acked) + 1)), publisher.refusals
+    for viewer in watching:
+        await viewer.wait_for_seq(acked[-1], deadline=15)
+    # A fence: a duplicate of anything before it would arrive before it.
+    payload = {"session_id": publisher.session_id, **detection(0, label="fence")}
+    fence = int((await publisher.client.ok("publish_detection", payload))["seq"])
+    for viewer in watching:
+        await viewer.wait_for_seq(fence)
+        assert not viewer.problems(fence), f"{viewer.name}: {viewer.problems(fence)}; {viewer.summary()}"
+        assert not viewer.errors and not viewer.disconnects and len(viewer.joins) == 1, viewer.summary()
+    stored = [e["seq"] for e in await stored_events(cluster.proxy, cluster.headers("viewer"), publisher.session_id)]
+    assert stored == list(range(1, fence + 1))
+    return fence
+
+
+async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
+    cluster: RunningCluster, redis: RedisServer, open_client: OpenClient, viewers: Watch
+) -> None:
+    home = cluster.nodes[0]
+    operator = await open_client(home.url, "operator")
+    session_id = (await operator.ok("start_test_session", {"name": "redis-restart"}))["session"]["id"]
+    watching = await one_viewer_per_node(viewers, cluster, session_id)
+    local, remote = watching[0], watching[1:]
+    assert local.node == home.id
+    publisher = Publisher(await open_client(home.url, "detector"), session_id, interval=0.01).start()
+    try:
+        await publisher.wait_acked(20)
+        for viewer in watching:
+            await viewer.wait_for_seq(20)
+
+        await redis.kill()
+        down_at_seq = publisher.acked[-1]
+        # Local delivery never stops: the viewer on the publisher's node keeps receiving.
+        await local.wait_for_seq(down_at_seq + 150, deadline=15)
+
+        async def not_ready() -> bool:
+            return set((await statuses(cluster, "/ready")).values()) == {503}
+
+        await wait_until(not_ready, deadline=10, what="every node's /ready to be 503 while Redis is down")
+        assert set((await statuses(cluster, "/health")).values()) == {200}
+
+        await redis.start()
+        up_at = time.monotonic()
+        target = publisher.acked[-1]
+        for viewer in remote:
+            await viewer.wait_for_seq(target, deadline=max(0.1, up_at + 7 - time.monotonic()))
+        resumed_after = time.monotonic() - up_at
+
+        async def ready() -> bool:
+            return set((await statuses(cluster, "/ready")).values()) == {200}
+
+        await wait_until(ready, deadline=10, what="every node's /ready to be 200 after Redis is back")
+        await publisher.wait_acked(len(publisher.acked) + 30)
+    finally:
+        await publisher.stop()
+    assert resumed_after <= 7
+    await finish(publisher, watching, cluster)
+
+
+async def test_nodes_resubscribe_within_seconds_after_client_kill_type_pubsub(
+    cluster: RunningCluster, open_client: OpenClient, viewers: Watch
+) -> None:
+    home = cluster.nodes[0]
+    operator = await open_client(home.url, "operator")
+    session_id = (await operator.ok("start_test_session", {"name": "client-kill"}))["session"]["id"]
+    watching = await one_viewer_per_node(viewers, cluster, session_id)
+    publisher = Publisher(await open_client(cluster.nodes[1].url, "detector"), session_id, interval=0.01).start()
+    nodes = len(cluster.nodes)
+    try:
+        await publisher.wait_acked(20)
+        async with redis_client(cluster.redis_url) as redis:
+            assert await control_subscribers(cluster.redis_url) == nodes
+            before = {c["id"] for c in await redis.client_list(_type="pubsub")}
+            killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert killed >= nodes
+            killed_at = time.monotonic()
+
+            async def resubscribed() -> bool:
+                now = {c["id"] for c in await redis.client_list(_type="pubsub")}
+                return not (now & before) and await control_subscribers(cluster.redis_url) == nodes
+
+            await wait_until(resubscribed, deadline=5, what=f"{nodes} new subscribers on the control channel")
+            resubscribed_after = time.monotonic() - killed_at
+        target = publisher.acked[-1] + 30
+        for viewer in watching:
+            await viewer.wait_for_seq(target, deadline=10)
+    finally:
+        await publisher.stop()
+    assert resubscribed_after < 5
+    await finish(publisher, watching, cluster)
