@@ -130,6 +130,8 @@ class HttpApi:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise bad("body", "is not valid JSON") from None
+        except RecursionError:  # valid JSON, but nested deeper than the parser goes
+            raise bad("body", "is nested too deeply") from None
 
     # ---- endpoints ---------------------------------------------------------------------------
 

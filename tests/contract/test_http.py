@@ -425,3 +425,11 @@ async def test_state_changes_over_http_reach_socket_room_members(
     await control(http, node, session_id, "pause")
     update = await viewer.wait_for_event("test_session_update", lambda u: u["session_id"] == session_id)
     assert (update["previous_status"], update["status"], update["actor"]) == ("running", "paused", "test-operator")
+
+
+async def test_json_body_nested_too_deeply_to_parse_is_400(http: httpx.AsyncClient, node: NodeUnderTest) -> None:
+    session_id = await running(http, node)
+    body = b"[" * 100_000 + b"]" * 100_000
+    headers = {**node.headers("detector"), "Content-Type": "application/json"}
+    response = await http.post(f"/api/sessions/{session_id}/detections", headers=headers, content=body)
+    assert error_of(response, 400, "bad_request").startswith("body:")
