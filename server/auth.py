@@ -107,6 +107,10 @@ def _principal_from(claims: dict[str, object]) -> Principal:
     sub, role, exp = claims.get("sub"), claims.get("role"), claims.get("exp")
     if not isinstance(sub, str) or not sub:
         raise AuthError("auth_invalid", "claim 'sub' must be a non-empty string")
+    if "\x00" in sub or not _encodable(sub):
+        # The subject is written to the audit log as the actor: PostgreSQL text refuses NUL and
+        # no database stores a lone surrogate, so such a token could only ever fail later.
+        raise AuthError("auth_invalid", "claim 'sub' must be valid text without NUL characters")
     if not isinstance(role, str) or role not in Role.__members__.values():
         raise AuthError("auth_invalid", f"claim 'role' must be one of {', '.join(r.value for r in Role)}")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
@@ -118,6 +122,14 @@ def _principal_from(claims: dict[str, object]) -> Principal:
             raise AuthError("auth_invalid", "claim 'sessions' must be a list of session ids")
         allowed = frozenset(sessions)
     return Principal(sub=sub, role=Role(role), sessions=allowed, expires_at=float(exp))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def issue_token(

@@ -57,6 +57,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "missing-role": ({"token": signed(claims(role=...))}, "auth_invalid"),
     "missing-exp": ({"token": signed(claims(exp=...))}, "auth_invalid"),
     "unknown-role": ({"token": signed(claims(role="root"))}, "auth_invalid"),
+    "sub-with-nul": ({"token": signed(claims(sub="op\x00erator"))}, "auth_invalid"),
     "wrong-audience": ({"token": signed(claims(aud="another-service"))}, "auth_invalid"),
     "missing-audience": ({"token": signed(claims(aud=...))}, "auth_invalid"),
     "sessions-not-a-list": ({"token": signed(claims(sessions="s1"))}, "auth_invalid"),

@@ -45,6 +45,10 @@ def refusal(token: object, settings: Settings = SETTINGS) -> str:
     return caught.value.code
 
 
+def test_unicode_subject_is_accepted() -> None:
+    assert TokenVerifier(SETTINGS).verify(sign(claims(sub="zoë@例え.jp"))).sub == "zoë@例え.jp"
+
+
 def test_valid_token_becomes_a_principal() -> None:
     exp = int(time.time()) + 300
     principal = TokenVerifier(SETTINGS).verify(sign(claims(role="operator", exp=exp, sessions=["a", "b"])))
@@ -125,8 +129,26 @@ def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
 
 @pytest.mark.parametrize(
     "override",
-    [{"role": "superuser"}, {"role": 1}, {"sub": ""}, {"sub": 5}, {"sessions": "s1"}, {"sessions": [1]}],
-    ids=["unknown-role", "role-number", "empty-sub", "sub-number", "sessions-string", "sessions-numbers"],
+    [
+        {"role": "superuser"},
+        {"role": 1},
+        {"sub": ""},
+        {"sub": 5},
+        {"sub": "a\x00b"},
+        {"sub": "\ud800"},
+        {"sessions": "s1"},
+        {"sessions": [1]},
+    ],
+    ids=[
+        "unknown-role",
+        "role-number",
+        "empty-sub",
+        "sub-number",
+        "sub-with-nul",
+        "sub-lone-surrogate",
+        "sessions-string",
+        "sessions-numbers",
+    ],
 )
 def test_claim_of_the_wrong_shape_is_auth_invalid(override: dict[str, Any]) -> None:
     assert refusal(sign(claims(**override))) == "auth_invalid"
