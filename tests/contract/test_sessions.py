@@ -281,6 +281,11 @@ async def test_unknown_session_is_not_found(node: NodeUnderTest, connect: Connec
         ("resume_test_session", {"session_id": ["s"]}, "session_id"),
         ("stop_test_session", {"session_id": "s", "reason": "r" * 501}, "reason"),
         ("stop_test_session", {"session_id": "s", "reason": 7}, "reason"),
+        # Text no database can store is refused up front (PostgreSQL used to answer `unavailable`).
+        ("join_session", {"session_id": "a\x00b"}, "session_id"),
+        ("pause_test_session", {"session_id": "\ud800"}, "session_id"),
+        ("start_test_session", {"name": "nul\x00name"}, "name"),
+        ("stop_test_session", {"session_id": "s", "reason": "\udfff"}, "reason"),
     ],
 )
 async def test_bad_payload_gets_bad_request_naming_the_field(
