@@ -10,7 +10,7 @@ import sys
 from types import FrameType
 from typing import Any
 
-from server import cluster
+from server import cluster, loadtest
 from server.auth import issue_token, parse_ttl
 from server.settings import Settings, SettingsError, env_name
 
@@ -137,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     reference.set_defaults(run=cmd_metrics)
 
     cluster.register(commands)
+    loadtest.register(commands)
     return root
 
 
