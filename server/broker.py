@@ -362,8 +362,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         pubsub, self._pubsub = self._pubsub, None
         self._subscribed.clear()
         if pubsub is not None:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # lands as aclose() finishes, and the listener then outlives close() (a node that never exits).
             with contextlib.suppress(Exception):  # the connection is being thrown away anyway
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()
 
     async def _receive(self) -> None:
         while True:

@@ -47,7 +47,10 @@ async def test_children_of_a_sigkilled_cluster_command_die_with_it(tmp_path: Pat
         os.kill(cluster.process.pid, signal.SIGKILL)
         await asyncio.wait_for(cluster.process.proc.wait(), 10)
         # PDEATHSIG hands each child a SIGTERM; nodes drain (3 s here) and exit.
-        await wait_gone(children, deadline=20, what="orphans of a killed cluster")
+        try:
+            await wait_gone(children, deadline=20, what="orphans of a killed cluster")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{cluster.logs()}") from None
         assert not [port for port in ports_of(cluster) if port_is_open(port)]
     finally:
         await stop_cluster_process(cluster.process)

@@ -81,6 +81,7 @@ async def test_viewers_of_a_sigkilled_node_rejoin_on_a_survivor_within_10s_and_m
     for viewer in affected:
         rejoin = next(j for j in viewer.joins if j.at > killed_at)
         assert rejoin.node in cluster.node_ids and rejoin.node != victim.id, viewer.summary()
+        assert rejoin.last_seq > 0, "the viewer resumes where it was, it does not start over"
         assert rejoin.at - killed_at <= 10
     for viewer in watching:
         await viewer.wait_for_seq(acked[-1])

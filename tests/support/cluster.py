@@ -237,8 +237,14 @@ async def stop_cluster_process(process: Process, deadline: float = 40.0) -> None
         except TimeoutError:
             await process.stop(1.0)
             raise AssertionError(f"testpulse cluster did not stop within {deadline:.0f}s") from None
-    await wait_gone(started, deadline=10.0, what="processes started by testpulse cluster")
-    await process.stop(5.0)  # the group: proves nothing of it is left
+    try:
+        await wait_gone(started, deadline=10.0, what="processes started by testpulse cluster")
+    finally:
+        for pid in started:  # a failed test must not leak a server into the next one
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await process.stop(5.0)  # the group: proves nothing of it is left
 
 
 @asynccontextmanager
@@ -463,6 +469,7 @@ class Viewer:
                 ack = await sio.call("join_session", {"session_id": self.session_id, "last_seq": last_seq}, timeout=5)
             except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError) as exc:
                 self.failures.append(f"join: {type(exc).__name__}")
+                await asyncio.sleep(0.05)
                 continue
             if isinstance(ack, dict) and ack.get("ok"):
                 with contextlib.suppress(TimeoutError):
