@@ -298,15 +298,7 @@ class Realtime:
             started = time.perf_counter()
             wants_ack = _wants_ack.get()
             try:
-                conn = self.connections.get(sid)
-                if conn is None:
-                    raise ProtocolError(ErrorCode.UNAVAILABLE, "connection is closing")
-                if conn.principal.expires_at + self.settings.token_check_leeway_seconds < time.time():
-                    self._expire(sid)
-                    raise ProtocolError(ErrorCode.UNAUTHORIZED, "token has expired")
-                if not conn.bucket.take():
-                    metrics.RATE_LIMITED.labels("event").inc()
-                    raise ProtocolError(ErrorCode.RATE_LIMITED, "too many events; slow down")
+                conn = self._admit_event(sid)
                 # Handlers reach their first real await (the store queue) without yielding, so
                 # events from one client are queued for the store in the order they were sent.
                 answer = await handler(sid, conn, args[0] if args else None)
@@ -324,6 +316,20 @@ class Realtime:
 
         return on_event
 
+    def _admit_event(self, sid: str) -> Connection:
+        """The gate every client event passes first, known or not: a live connection, a token
+        that has not expired, and room in the connection's token bucket."""
+        conn = self.connections.get(sid)
+        if conn is None:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "connection is closing")
+        if conn.principal.expires_at + self.settings.token_check_leeway_seconds < time.time():
+            self._expire(sid)
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "token has expired")
+        if not conn.bucket.take():
+            metrics.RATE_LIMITED.labels("event").inc()
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many events; slow down")
+        return conn
+
     async def _fail(self, sid: str, event: str, exc: ProtocolError, wants_ack: bool) -> dict[str, Any] | None:
         if wants_ack:
             return {"ok": False, "error": exc.as_dict()}
@@ -332,9 +338,14 @@ class Realtime:
         return None
 
     async def unknown_event(self, event: Any, sid: str, *args: Any) -> dict[str, Any] | None:
-        metrics.EVENTS_RECEIVED.labels("unknown", ErrorCode.BAD_REQUEST.value).inc()
-        exc = ProtocolError(ErrorCode.BAD_REQUEST, f"event: unknown event {str(event)[:64]!r}")
-        return await self._fail(sid, "unknown", exc, _wants_ack.get())
+        name = str(event)[:64]
+        try:
+            self._admit_event(sid)
+            exc = ProtocolError(ErrorCode.BAD_REQUEST, f"event: unknown event {name!r}")
+        except ProtocolError as refused:
+            exc = refused
+        metrics.EVENTS_RECEIVED.labels("unknown", exc.code.value).inc()
+        return await self._fail(sid, name, exc, _wants_ack.get())
 
     # ---- events ------------------------------------------------------------------------------
 
