@@ -41,6 +41,7 @@ KNOBS: list[tuple[str, type[Any], str]] = [
     ("--operators", int, "operator users (part of --users; steady)"),
     ("--detections-per-second", float, "publish rate of each detector"),
     ("--batch", int, "detections per publish (>1 uses publish_detections)"),
+    ("--inflight", int, "publishes a detector may have unanswered at once"),
     ("--polling-share", float, "share of viewers on long-polling"),
     ("--upgrade-share", float, "share of viewers that poll, then upgrade to WebSocket"),
     ("--churn-seconds", float, "viewers reload about this often (0: never)"),

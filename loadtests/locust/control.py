@@ -54,6 +54,7 @@ class Scenario:
     operators: int = 0
     detections_per_second: float = 10.0  # per detector
     batch: int = 1  # detections per publish; > 1 uses publish_detections
+    inflight: int = 4  # publishes a detector may have unanswered at once
     polling_share: float = 0.1  # viewers on long-polling only
     upgrade_share: float = 0.0  # viewers that start on polling and upgrade to WebSocket
     join: str = "start"  # start: join with last_seq=0, every seq from 1 is checked; live: no last_seq
@@ -79,6 +80,7 @@ class RunConfig:
     operators: int
     detections_per_second: float
     batch: int
+    inflight: int
     polling_share: float
     upgrade_share: float
     join: str
@@ -145,6 +147,7 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--operators", type=int, default=None, help="operator users (included in --users)")
     group.add_argument("--detections-per-second", type=float, default=None, help="publish rate of each detector")
     group.add_argument("--batch", type=int, default=None, help="detections per publish (>1: publish_detections)")
+    group.add_argument("--inflight", type=int, default=None, help="unanswered publishes per detector")
     group.add_argument("--polling-share", type=float, default=None, help="share of viewers on long-polling")
     group.add_argument("--upgrade-share", type=float, default=None, help="share of viewers polling then upgrading")
     group.add_argument("--join", choices=["start", "live"], default=None, help="viewers join with last_seq=0 or live")
@@ -562,6 +565,7 @@ class Control:
                 "published": self.counters.get("published"),
                 "verified_viewers": self.counters.get("verified"),
             },
+            "rates": self._rates(entries),
             "refusals": self.counters.by_prefix("refused:"),
             "transports": self.counters.by_prefix("transport:"),
             "counters": dict(sorted(self.counters.totals.items())),
@@ -576,6 +580,19 @@ class Control:
             (folder / "summary.json").write_text(json.dumps(self.outcome, indent=2, default=str) + "\n")
             (folder / "slo.txt").write_text(text + "\n")
         return self.outcome
+
+    def _rates(self, entries: Mapping[tuple[str, str], Any]) -> dict[str, float | None]:
+        """Per second over the main phase: detections asked for, acked, and delivered to viewers."""
+        cfg = self.config
+        main = self._marks.get("drain", 0.0) - self._marks.get("main", 0.0)
+        delivered = entries.get((DELIVERY, "detection_event"))
+        detectors = self.expected("detector")
+        return {
+            "main_seconds": round(main, 1),
+            "publish_target_per_s": round(detectors * cfg.detections_per_second, 1),
+            "published_per_s": round(self.counters.get("published") / main, 1) if main > 0 else None,
+            "delivered_per_s": round(delivered.num_requests / main, 1) if delivered and main > 0 else None,
+        }
 
     def describe(self, results: list[slo.Result]) -> str:
         out = self.outcome or {}
@@ -600,6 +617,7 @@ class Control:
                     f" max={row['max']}"
                 )
         lines.append(f"  delivery:             {_pairs(out.get('delivery', {}))}")
+        lines.append(f"  rates (main phase):   {_pairs(out.get('rates', {}))}")
         if out.get("recovery", {}).get("recovered") or out.get("recovery", {}).get("unrecovered"):
             lines.append(f"  recovery:             {_pairs(out['recovery'])}")
         if out.get("refusals"):

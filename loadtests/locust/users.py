@@ -12,12 +12,14 @@ import time
 from typing import Any
 
 import gevent
+import gevent.pool
 from gevent.event import AsyncResult
 from locust import User, constant, task
 from locust.contrib.socketio import SocketIOUser
 
 from loadtests.locust import control as control_module
 from loadtests.locust.client import (
+    ACK_TIMEOUT,
     DELIVERY,
     RECOVER,
     SIO,
@@ -336,13 +338,12 @@ class DetectorUser(TestpulseUser):
             for i in range(count)
         ]
 
-    def publish_once(self, session_id: str, frame: int) -> None:
-        assert self.sio is not None
+    def publish_once(self, client: TestpulseClient, session_id: str, frame: int) -> None:
         batch = self.cfg.batch
         if batch > 1:
-            self.sio.call("publish_detections", {"session_id": session_id, "detections": self.detections(batch, frame)})
+            client.call("publish_detections", {"session_id": session_id, "detections": self.detections(batch, frame)})
         else:
-            self.sio.call("publish_detection", {"session_id": session_id, **self.detections(1, frame)[0]})
+            client.call("publish_detection", {"session_id": session_id, **self.detections(1, frame)[0]})
         self.rec.count("published", batch)
 
     @task
@@ -358,6 +359,8 @@ class DetectorUser(TestpulseUser):
         self.sio = self.connect(time.perf_counter() + cfg.recover_timeout)
         self.control.reached["main"].wait()
         interval = cfg.batch / cfg.detections_per_second if cfg.detections_per_second > 0 else FOREVER
+        # A window of unanswered publishes, so the rate is what was asked for, not 1 / ack latency.
+        pool = gevent.pool.Pool(max(1, cfg.inflight))
         next_at = time.perf_counter()
         frame = 0
         while not drain.is_set():
@@ -374,14 +377,18 @@ class DetectorUser(TestpulseUser):
                     self.rec.request(SIO, "publisher reconnect", 0, DeliveryError("detector could not reconnect"))
                     break
                 continue
-            with contextlib.suppress(*Retryable):  # recorded by the client; a drop reconnects next turn
-                self.publish_once(session_id, frame)
+            pool.spawn(self.publish_quietly, self.sio, session_id, frame)  # waits while `inflight` are unanswered
             frame += cfg.batch
             next_at += interval
             if next_at < time.perf_counter() - 1.0:
                 next_at = time.perf_counter()  # fell behind (a stall): carry on, do not burst to catch up
+        pool.join(timeout=ACK_TIMEOUT + 1)  # the final seqs are read once every publish is answered
         self.rec.count("publishers_stopped")
         self.park()
+
+    def publish_quietly(self, client: TestpulseClient, session_id: str, frame: int) -> None:
+        with contextlib.suppress(*Retryable):  # recorded by the client; a drop reconnects on the next turn
+            self.publish_once(client, session_id, frame)
 
 
 class OperatorUser(TestpulseUser):
