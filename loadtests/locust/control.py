@@ -105,8 +105,8 @@ class RunConfig:
             if f.name != "name":
                 chosen = given.get(f.name)
                 values[f.name] = getattr(scenario, f.name) if chosen is None else chosen
-        run_time = given.get("run_time") or values.pop("run_time")
-        values.pop("run_time", None)
+        default_run_time = values.pop("run_time")
+        run_time = given.get("run_time") or default_run_time
         csv_prefix = given.get("csv_prefix")
         results_dir = given.get("results_dir") or (str(Path(csv_prefix).parent) if csv_prefix else None)
         defaults = slo.Thresholds()
