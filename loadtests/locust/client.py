@@ -27,6 +27,7 @@ import socketio
 from gevent.event import AsyncResult, Event
 from locust.contrib.socketio import SocketIOClient
 from locust.event import EventHook
+from socketio import packet as sio_packet
 
 # Request types shown in Locust's tables, CSV and HTML report.
 SIO = "sio"  # connect, connect+join and every acknowledged event
@@ -242,12 +243,12 @@ class TestpulseClient(SocketIOClient):
     # ---- leaving -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave politely (Socket.IO DISCONNECT, then Engine.IO CLOSE); give up after a few seconds."""
+        """Leave politely: Socket.IO DISCONNECT, then Engine.IO CLOSE. Unlike `disconnect()` this does
+        not wait for the read loop to end, which for long-polling can take a whole poll."""
         self.closing = True
-        with contextlib.suppress(Exception), gevent.Timeout(5, False):
-            socketio.Client.disconnect(self)
-            return
         with contextlib.suppress(Exception):
+            for namespace in list(self.namespaces):
+                self._send_packet(self.packet_class(sio_packet.DISCONNECT, namespace=namespace))
             self.eio.disconnect(abort=True)
 
     def drop(self) -> None:
