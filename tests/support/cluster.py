@@ -159,6 +159,14 @@ class RunningCluster:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def nginx_errors(self, lines: int = 20) -> str:
+        """The tail of nginx's error log, without its start-up notices."""
+        try:
+            text = (self.run_dir / "nginx" / "logs" / "error.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join([line for line in text.splitlines() if "setrlimit" not in line][-lines:]) or "(empty)"
+
     def logs(self, lines: int = 25) -> str:
         """The tail of every node's log, for failure messages."""
         return "\n".join(f"--- {n.id} ---\n{self.log_tail(n.id, lines)}" for n in self.nodes)
