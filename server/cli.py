@@ -44,6 +44,9 @@ class DrainingServer:
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
             log_level=settings.log_level,
             access_log=False,
+            # Longer than nginx keeps an idle upstream connection (60 s), so the proxy never
+            # reuses a connection the node has just closed (which would count as a node failure).
+            timeout_keep_alive=75,
             lifespan="on",
             proxy_headers=True,
             forwarded_allow_ips=",".join(settings.trusted_proxies),
