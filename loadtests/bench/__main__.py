@@ -1,0 +1,26 @@
+"""`python -m loadtests.bench node|cluster`: benchmark commands (see loadtests/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from loadtests.bench import cluster_bench, node_bench
+from loadtests.bench.loadgen import install_uvloop, raise_fd_limit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    node_bench.register(commands)
+    cluster_bench.register(commands)
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    install_uvloop()
+    asyncio.run(args.run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,704 @@
+"""`python -m loadtests.bench cluster`: testpulse against the stock python-socketio cluster, both
+behind the repo's nginx.conf (rendered by server.cluster) with Redis, on loopback.
+
+Each scenario runs on a fresh testpulse cluster and then on a fresh stock cluster (same nodes,
+same nginx config, same load generator). Clients are WebSocket-only: the stock server's session
+ids carry no node tag, so long-polling could not be routed to its node by the proxy, while a
+WebSocket opened directly needs no stickiness (the handshake is the connection).
+
+Scenarios (defaults are the issue's sizes):
+  storm     2,000 clients connect (with a token) and join one of 100 sessions, all at once
+  fanout    100 viewers of one session across nodes, 200 detections/s for 10 s
+  overload  1,000 viewers, 200 detections/s: deliveries, loss, reordering, the publisher's acks, RSS
+  maxrate   1,000 viewers: highest publish rate that is delivered in full, in order, promptly
+  idle      3,000 connected (and joined) clients: RSS per client per node
+  routing   100 sessions split between 2 nodes' viewers: Redis messages each node decodes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loadtests.bench.common import (
+    DEFAULT_OUT,
+    Profile,
+    environment,
+    log,
+    save,
+    table,
+    wait_delivered,
+    wait_quiet,
+    window_result,
+)
+from loadtests.bench.loadgen import Pool
+from loadtests.bench.publisher import Publisher
+from loadtests.bench.systems import (
+    StockCluster,
+    System,
+    TestpulseCluster,
+    load_average,
+    sampler_for,
+)
+from loadtests.bench.wire import http_session, percentiles, sparse_from_values
+
+SCENARIOS = ("storm", "fanout", "overload", "maxrate", "idle", "routing")
+SYSTEMS = ("testpulse", "stock")
+
+
+def start_system(kind: str, args: argparse.Namespace) -> System:
+    if kind == "stock":
+        return StockCluster(args.nodes, shlex.split(args.stock_uvicorn_args))
+    from loadtests.bench.node_bench import database_url
+
+    return TestpulseCluster(args.nodes, database_url(args.db))
+
+
+async def viewers_join(
+    system: System, pool: Pool, sessions: list[str], count: int, args: argparse.Namespace, url: str | None = None
+) -> dict[str, Any]:
+    specs = [
+        {
+            "url": url or system.proxy_url,
+            "token": system.token("viewer", f"bench-viewer-{i}"),
+            "session": sessions[i % len(sessions)],
+            # Extension: detection_batch frames (testpulse only; the stock server has no such thing).
+            "batch_ms": args.batch_ms if system.kind == "testpulse" else 0,
+        }
+        for i in range(count)
+    ]
+    result = await pool.connect(specs, concurrency=args.join_concurrency, within=args.connect_timeout)
+    if result["failures"]:
+        log(f"join failures: {result['failures']}")
+    return result
+
+
+async def publisher_for(system: System, http: aiohttp.ClientSession, url: str | None = None) -> Publisher:
+    publisher = Publisher(url or system.proxy_url)
+    await publisher.connect(http, system.token("detector", "bench-publisher"))
+    return publisher
+
+
+def clients_per_node(counters: dict[str, dict[str, float]]) -> dict[str, int]:
+    return {node: int(c.get("clients", 0)) for node, c in counters.items()}
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+
+
+async def storm(system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    async with http_session() as http:
+        sessions = await system.create_sessions(http, args.storm_sessions)
+        specs = [
+            {
+                "url": system.proxy_url,
+                "token": system.token("viewer", f"storm-viewer-{i}"),
+                "session": sessions[i % len(sessions)],
+            }
+            for i in range(args.storm_clients)
+        ]
+        load = load_average()
+        sampler = sampler_for(system, pool.pids)
+        profile = None
+        if "storm" in args.profile:
+            out = args.out / "profiles" / f"storm-{system.kind}-node1.txt"
+            profile = Profile(system.node_pids()["node1"], args.profile_seconds, out)
+        result = await pool.connect(specs, concurrency=args.storm_concurrency, within=args.connect_timeout)
+        usage = sampler.stop()
+        counters = await system.node_counters(http)
+    elapsed = result["finished_at"] - result["started_at"]
+    return {
+        "clients": args.storm_clients,
+        "joined": result["ok"],
+        "failures": result["failures"],
+        "elapsed_s": round(elapsed, 3),
+        "joins_per_s": round(result["ok"] / elapsed, 1) if elapsed > 0 else None,
+        "connect_join_ms": percentiles(sparse_from_values(result["latencies"])),
+        "clients_per_node": clients_per_node(counters),
+        "loadavg_1m": load[0],
+        "resources": usage,
+        "profile": profile.finish() if profile is not None else None,
+    }
+
+
+async def fanout(
+    system: System, pool: Pool, args: argparse.Namespace, *, name: str, viewers: int, rate: float
+) -> dict[str, Any]:
+    async with http_session() as http:
+        sessions = await system.create_sessions(http, 1)
+        joined = await viewers_join(system, pool, sessions, viewers, args)
+        publisher = await publisher_for(system, http)
+        counters = await system.node_counters(http)
+        await pool.reset()
+        metrics_before = await system.metrics_snapshot(http)
+        load = load_average()
+        sampler = sampler_for(system, pool.pids)
+        profile = None
+        if name in args.profile:
+            out = args.out / "profiles" / f"{name}-{system.kind}-node1.txt"
+            profile = Profile(system.node_pids()["node1"], args.profile_seconds, out)
+        started = time.time()
+        achieved = await publisher.paced(sessions, rate, args.seconds)
+        sent_for = time.time() - started
+        missing = await publisher.settle(args.drain_timeout)
+        drained, drain_s = await wait_delivered(pool, dict(publisher.max_seq), args.drain_timeout)
+        quiet, _ = await wait_quiet(pool, args.drain_timeout)
+        duration = time.time() - started
+        result = await window_result(pool, publisher, {}, duration)
+        rss_during = sampler.rss_peak
+        usage = sampler.stop()
+        after = await system.node_counters(http)
+        metrics_after = await system.metrics_snapshot(http)
+        await publisher.close()
+    result |= {
+        "server_latency": system.server_latency(metrics_before, metrics_after) if metrics_after else None,
+        "viewers_joined": joined["ok"],
+        "join_failures": joined["failures"],
+        "clients_per_node": clients_per_node(counters),
+        "rate": rate,
+        "achieved_send_rate": round(achieved, 1),
+        "publishing_s": round(sent_for, 2),
+        "publisher": publisher.summary(sent_for),
+        "acks_missing": missing,
+        "drained": drained,
+        "drain_s": round(drain_s, 2),
+        "quiet_at_end": quiet,
+        "node_counters_after": after,
+        "loadavg_1m": load[0],
+        "resources": usage,
+        "rss_peak_mb": {k: round(v / 2**20, 1) for k, v in rss_during.items()},
+        "profile": profile.finish() if profile is not None else None,
+    }
+    return result
+
+
+async def maxrate(system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    async with http_session() as http:
+        sessions = await system.create_sessions(http, 1)
+        joined = await viewers_join(system, pool, sessions, args.max_viewers, args)
+        publisher = await publisher_for(system, http)
+        counters = await system.node_counters(http)
+        load = load_average()
+
+        async def step(rate: float) -> dict[str, Any]:
+            log(f"maxrate[{system.kind}]: {rate:g} detections/s x {joined['ok']} viewers")
+            await pool.reset()
+            base = dict(publisher.max_seq)
+            publisher.reset()
+            sampler = sampler_for(system, pool.pids)
+            started = time.time()
+            achieved = await publisher.paced(sessions, rate, args.step_seconds)
+            await publisher.settle(args.step_drain)
+            kept_up, drain_s = await wait_delivered(pool, dict(publisher.max_seq), args.step_drain)
+            if not kept_up:  # let the backlog go so that loss can be told from lag
+                await wait_delivered(pool, dict(publisher.max_seq), args.drain_timeout)
+                await publisher.settle(1)
+                await wait_quiet(pool, args.drain_timeout)
+            duration = time.time() - started
+            result = await window_result(pool, publisher, base, duration)
+            p99 = result["latency_ms"]["p99"]
+            sustained = (
+                kept_up
+                and result["lost"] == 0
+                and result["duplicates"] == 0
+                and result["viewers_closed"] == 0
+                and not publisher.errors
+                and p99 is not None
+                and p99 <= args.max_p99_ms
+            )
+            return result | {
+                "rate": rate,
+                "achieved_send_rate": round(achieved, 1),
+                "kept_up": kept_up,
+                "drain_s": round(drain_s, 2),
+                "sustained": sustained,
+                "publisher_errors": dict(publisher.errors),
+                "loadavg_1m": load_average()[0],
+                "resources": sampler.stop(),
+            }
+
+        best: dict[str, Any] | None = None
+        failed: float | None = None
+        for rate in args.max_rates:
+            outcome = await step(rate)
+            steps.append(outcome)
+            if not outcome["sustained"]:
+                failed = rate
+                break
+            best = outcome
+        if best is not None and failed is not None and failed / best["rate"] > 1.3:
+            outcome = await step(round((best["rate"] * failed) ** 0.5, 1))
+            steps.append(outcome)
+            if outcome["sustained"]:
+                best = outcome
+        await publisher.close()
+    return {
+        "viewers_joined": joined["ok"],
+        "clients_per_node": clients_per_node(counters),
+        "criteria": f"all delivered within {args.step_drain}s of the last publish, no loss, no duplicates, "
+        f"no disconnects, no publisher errors, p99 <= {args.max_p99_ms} ms (reordering is reported, not judged)",
+        "max_rate": best["rate"] if best else None,
+        "max_deliveries_per_s": best["deliveries_per_s_active"] if best else None,
+        "max_latency_ms": best["latency_ms"] if best else None,
+        "loadavg_1m": load[0],
+        "steps": steps,
+    }
+
+
+async def idle(system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    async with http_session() as http:
+        sessions = await system.create_sessions(http, args.idle_sessions)
+        # Warm-up: first connections allocate lazily-built structures; not counted.
+        await viewers_join(system, pool, sessions, 50, args)
+        await pool.close_all()
+        await asyncio.sleep(args.idle_settle)
+        load = load_average()
+        sampler = sampler_for(system, pool.pids)
+        before = sampler.rss_now()
+        joined = await viewers_join(system, pool, sessions if args.idle_join else [None], args.idle_clients, args)  # type: ignore[list-item]
+        await asyncio.sleep(args.idle_settle)
+        after = sampler.rss_now()
+        usage = sampler.stop()
+        counters = await system.node_counters(http)
+    per_node: dict[str, Any] = {}
+    total_delta = 0
+    clients = clients_per_node(counters)
+    for node in system.node_pids():
+        delta = after[node] - before[node]
+        total_delta += delta
+        per_node[node] = {
+            "clients": clients.get(node, 0),
+            "rss_before_mb": round(before[node] / 2**20, 1),
+            "rss_after_mb": round(after[node] / 2**20, 1),
+            "kb_per_client": round(delta / 1024 / clients[node], 1) if clients.get(node) else None,
+        }
+    connected = sum(clients.values())
+    return {
+        "clients": args.idle_clients,
+        "connected": joined["ok"],
+        "joined_sessions": bool(args.idle_join),
+        "failures": joined["failures"],
+        "per_node": per_node,
+        "kb_per_client": round(total_delta / 1024 / connected, 1) if connected else None,
+        "loadavg_1m": load[0],
+        "resources": usage,
+    }
+
+
+async def routing(system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    nodes = sorted(system.node_urls)
+    if len(nodes) < 2:
+        return {"skipped": "needs at least 2 nodes"}
+    async with http_session() as http:
+        sessions = await system.create_sessions(http, args.routing_sessions)
+        watched_on = {s: nodes[i * len(nodes) // len(sessions)] for i, s in enumerate(sessions)}
+        specs = [
+            {"url": system.node_urls[watched_on[s]], "token": system.token("viewer", f"route-{s}-{k}"), "session": s}
+            for s in sessions
+            for k in range(args.routing_viewers)
+        ]
+        joined = await pool.connect(specs, concurrency=args.join_concurrency, within=args.connect_timeout)
+        publisher_node = nodes[0]
+        publisher = await publisher_for(system, http, system.node_urls[publisher_node])
+        before = await system.node_counters(http)
+        await pool.reset()
+        load = load_average()
+        sampler = sampler_for(system, pool.pids)
+        started = time.time()
+        achieved = await publisher.paced(sessions, args.routing_rate, args.seconds)
+        await publisher.settle(args.drain_timeout)
+        drained, _ = await wait_delivered(pool, dict(publisher.max_seq), args.drain_timeout)
+        await wait_quiet(pool, args.drain_timeout)
+        duration = time.time() - started
+        delivery = await window_result(pool, publisher, {}, duration)
+        usage = sampler.stop()
+        after = await system.node_counters(http)
+        await publisher.close()
+    published = publisher.max_seq  # fresh sessions: the last seq is the count
+    total = sum(published.values())
+    per_node: dict[str, Any] = {}
+    for node in nodes:
+        watched = [s for s in sessions if watched_on[s] == node]
+        in_watched = sum(published.get(s, 0) for s in watched)
+        delta = {k: after[node].get(k, 0) - before[node].get(k, 0) for k in after[node]}
+        from_other_nodes_needed = 0 if node == publisher_node else in_watched
+        if system.kind == "stock":
+            decoded = int(delta["redis_received"])
+            remote = int(delta["remote_emits"])
+            unwatched = int(delta["remote_emits_unwatched"])
+            own_echoes = decoded - remote
+        else:
+            # The metric counts messages from other nodes; a node also reads back (and verifies, then
+            # drops) its own messages on the room channels it is subscribed to: computed, not counted.
+            remote = int(delta["redis_received"])
+            own_echoes = in_watched if node == publisher_node else 0
+            decoded = remote + own_echoes
+            unwatched = 0  # a node subscribes only to the rooms of its own clients
+        per_node[node] = {
+            "sessions_watched": len(watched),
+            "detections_in_watched": in_watched,
+            "detections_in_unwatched": total - in_watched,
+            "redis_messages_decoded": decoded,
+            "needed_from_other_nodes": from_other_nodes_needed,
+            "for_unwatched_sessions": unwatched,
+            "own_echoes": own_echoes,
+            "cpu_pct": usage["cpu_pct"].get(node),
+        }
+    return {
+        "sessions": len(sessions),
+        "viewers_joined": joined["ok"],
+        "publisher_on": publisher_node,
+        "rate": args.routing_rate,
+        "achieved_send_rate": round(achieved, 1),
+        "detections_published": total,
+        "drained": drained,
+        "delivery": {k: delivery[k] for k in ("deliveries", "deliveries_expected", "lost", "out_of_order")},
+        "per_node": per_node,
+        "loadavg_1m": load[0],
+        "resources": usage,
+    }
+
+
+async def run_scenario(name: str, system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    if name == "storm":
+        return await storm(system, pool, args)
+    if name == "fanout":
+        return await fanout(system, pool, args, name=name, viewers=args.fanout_viewers, rate=args.fanout_rate)
+    if name == "overload":
+        return await fanout(system, pool, args, name=name, viewers=args.overload_viewers, rate=args.overload_rate)
+    if name == "maxrate":
+        return await maxrate(system, pool, args)
+    if name == "idle":
+        return await idle(system, pool, args)
+    return await routing(system, pool, args)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    document: dict[str, Any] = {"benchmark": "cluster", "environment": environment(), "settings": settings}
+    results: dict[str, dict[str, Any]] = {}
+    pool = Pool(args.workers)
+    try:
+        for scenario in args.scenarios:
+            results[scenario] = {}
+            for kind in args.systems:
+                log(f"{scenario}: starting a {kind} cluster of {args.nodes} nodes")
+                system = start_system(kind, args)
+                try:
+                    outcome = await run_scenario(scenario, system, pool, args)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the next run
+                    traceback.print_exc()
+                    outcome = {"error": f"{type(exc).__name__}: {exc}"}
+                finally:
+                    await pool.close_all()
+                    system.stop()
+                outcome["system"] = system.describe()
+                results[scenario][kind] = outcome
+                log(f"{scenario}/{kind}: {short(scenario, outcome)}")
+    finally:
+        pool.shutdown()
+    document["results"] = results
+    document["environment"]["loadavg_at_end"] = load_average()
+    print(render(document, args))
+    path = save(args.out, "cluster", document)
+    print(f"\nresults: {path}")
+    return document
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def short(scenario: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"error {r['error']}"
+    if scenario == "storm":
+        return f"{r['joins_per_s']} joins/s, p99 {r['connect_join_ms']['p99']} ms, failures {r['failures']}"
+    if scenario in ("fanout", "overload"):
+        return (
+            f"{r['deliveries_per_s']} deliveries/s, p99 {r['latency_ms']['p99']} ms, lost {r['lost']}, "
+            f"reordered {r['out_of_order']}, closed {r['viewers_closed']}"
+        )
+    if scenario == "maxrate":
+        return f"max {r['max_rate']}/s = {r['max_deliveries_per_s']} deliveries/s"
+    if scenario == "idle":
+        return f"{r['kb_per_client']} KB per client"
+    return "per node " + ", ".join(f"{n}: {v['redis_messages_decoded']} decoded" for n, v in r["per_node"].items())
+
+
+def _cpu(r: dict[str, Any]) -> str:
+    cpu = r.get("resources", {}).get("cpu_pct", {})
+    return " ".join(f"{k}={v:.0f}" for k, v in cpu.items())
+
+
+def render(document: dict[str, Any], args: argparse.Namespace) -> str:
+    env = document["environment"]
+    res = document["results"]
+    out = [
+        f"testpulse cluster benchmark vs stock python-socketio  ({env['command']})",
+        f"{args.nodes} nodes behind nginx (repo nginx.conf), Redis, WebSocket-only clients from "
+        f"{args.workers} generator processes; load avg at start {env['loadavg_at_start']} at end "
+        f"{env['loadavg_at_end']} ({env['cpus']} cpus)",
+    ]
+    if args.batch_ms:
+        out.append(f"testpulse viewers join with batch_ms={args.batch_ms}: detection_batch frames (extension)")
+    ok = lambda r: "error" not in r  # noqa: E731
+    if "storm" in res:
+        rows = []
+        for kind, r in res["storm"].items():
+            if ok(r):
+                lat = r["connect_join_ms"]
+                rows.append(
+                    [
+                        *(kind, f"{r['joined']}/{r['clients']}", r["joins_per_s"], lat["p50"], lat["p99"], lat["max"]),
+                        *(r["failures"] or "-", r["clients_per_node"], r["loadavg_1m"], _cpu(r)),
+                    ]
+                )
+            else:
+                rows.append([kind, r["error"], *[""] * 8])
+        out += ["", f"storm: {args.storm_clients} clients connect and join one of {args.storm_sessions} sessions"]
+        out.append(
+            table(
+                ["system", "joined", "joins/s", "p50 ms", "p99 ms", "max ms", "failures", "per node", "load1", "cpu%"],
+                rows,
+            )
+        )
+    for name, label in (
+        ("fanout", f"fanout: {args.fanout_viewers} viewers, {args.fanout_rate:g} detections/s for {args.seconds:g}s"),
+        (
+            "overload",
+            f"overload: {args.overload_viewers} viewers, {args.overload_rate:g} detections/s for {args.seconds:g}s",
+        ),
+    ):
+        if name not in res:
+            continue
+        rows = []
+        for kind, r in res[name].items():
+            if not ok(r):
+                rows.append([kind, r["error"], *[""] * 12])
+                continue
+            pub = r["publisher"]
+            rows.append(
+                [
+                    kind,
+                    r["viewers_joined"],
+                    pub["detections_acked"],
+                    pub["errors"] or "-",
+                    r["deliveries_per_s"],
+                    f"{r['deliveries']}/{r['deliveries_expected']}"
+                    + (f" in {r['frames']} frames" if r.get("frames", r["deliveries"]) != r["deliveries"] else ""),
+                    r["latency_ms"]["p50"],
+                    r["latency_ms"]["p99"],
+                    r["lost"],
+                    r["out_of_order"],
+                    r["viewers_closed"],
+                    f"{r['drain_s']}"
+                    + ("" if r["drained"] else " (acked not all delivered)")
+                    + ("" if r.get("quiet_at_end", True) else " (still arriving)"),
+                    " ".join(f"{k}={v:.0f}" for k, v in r["rss_peak_mb"].items() if k.startswith("node")),
+                    r["loadavg_1m"],
+                    _cpu(r),
+                ]
+            )
+        out += ["", label]
+        out.append(
+            table(
+                [
+                    *("system", "viewers", "acked", "pub errors", "deliv/s", "delivered", "p50 ms", "p99 ms", "lost"),
+                    *("reordered", "closed", "drain s", "node RSS peak MB", "load1", "cpu%"),
+                ],
+                rows,
+            )
+        )
+        breakdown = server_latency_rows(res[name])
+        if breakdown:
+            out.append("  inside testpulse nodes (their histograms, ms): " + "; ".join(breakdown))
+    if "maxrate" in res:
+        rows = []
+        for kind, r in res["maxrate"].items():
+            if not ok(r):
+                rows.append([kind, r["error"], *[""] * 4])
+                continue
+            lat = r["max_latency_ms"] or {}
+            steps = " ".join(
+                f"{s['rate']:g}{'ok' if s['sustained'] else 'X'}({s['deliveries_per_s_active'] or 0:.0f}"
+                + (f",reord {s['out_of_order']}" if s["out_of_order"] else "")
+                + ")"
+                for s in r["steps"]
+            )
+            rows.append(
+                [
+                    kind,
+                    r["viewers_joined"],
+                    r["max_rate"],
+                    r["max_deliveries_per_s"],
+                    lat.get("p99"),
+                    r["loadavg_1m"],
+                    steps,
+                ]
+            )
+        out += ["", f"maxrate: {args.max_viewers} viewers, {args.step_seconds:g}s steps; max sustained rate"]
+        out.append(
+            table(["system", "viewers", "det/s", "deliveries/s", "p99 ms", "load1", "steps rate(deliv/s)"], rows)
+        )
+    if "idle" in res:
+        rows = []
+        for kind, r in res["idle"].items():
+            if not ok(r):
+                rows.append([kind, r["error"], "", "", ""])
+                continue
+            nodes = " ".join(
+                f"{n}:{v['clients']}c/{v['rss_before_mb']}->{v['rss_after_mb']}MB/{v['kb_per_client']}KB"
+                for n, v in r["per_node"].items()
+            )
+            rows.append([kind, r["connected"], r["kb_per_client"], nodes, r["loadavg_1m"]])
+        joined = "and joined" if args.idle_join else ""
+        out += ["", f"idle: {args.idle_clients} clients connected {joined}; RSS delta of node processes per client"]
+        out.append(table(["system", "connected", "KB/client", "per node", "load1"], rows))
+    if "routing" in res:
+        rows = []
+        for kind, r in res["routing"].items():
+            if not ok(r) or "skipped" in r:
+                rows.append([kind, r.get("error") or r.get("skipped"), *[""] * 8])
+                continue
+            for node, v in r["per_node"].items():
+                rows.append(
+                    [
+                        kind,
+                        node + (" (publisher)" if node == r["publisher_on"] else ""),
+                        v["sessions_watched"],
+                        f"{v['detections_in_watched']}/{v['detections_in_unwatched']}",
+                        v["redis_messages_decoded"],
+                        v["needed_from_other_nodes"],
+                        v["for_unwatched_sessions"],
+                        v["own_echoes"],
+                        v["cpu_pct"],
+                        r["loadavg_1m"],
+                    ]
+                )
+        out += [
+            "",
+            f"routing: {args.routing_sessions} sessions split over the nodes' viewers, {args.routing_rate:g} "
+            f"detections/s round-robin for {args.seconds:g}s, publisher on node1 (testpulse own echoes: computed)",
+        ]
+        out.append(
+            table(
+                [
+                    *("system", "node", "sessions", "det watched/unwatched", "redis msgs decoded", "needed"),
+                    *("for unwatched", "own echoes", "node cpu%", "load1"),
+                ],
+                rows,
+            )
+        )
+    out += ["", "targets:", *targets(res)]
+    return "\n".join(out)
+
+
+def server_latency_rows(runs: dict[str, Any]) -> list[str]:
+    r = runs.get("testpulse") or {}
+    parts = []
+    for node, kinds in (r.get("server_latency") or {}).items():
+        shown = []
+        for what, label in (("publish_handler", "publish ack"), ("store_write", "commit"), ("delivery_lag", "to emit")):
+            h = kinds[what]
+            if h["count"]:
+                shown.append(f"{label} p50 {h['p50_ms']} p99 {h['p99_ms']}")
+        if shown:
+            parts.append(f"{node}: " + ", ".join(shown))
+    return parts
+
+
+def targets(res: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+
+    def get(scenario: str, kind: str) -> dict[str, Any] | None:
+        r = res.get(scenario, {}).get(kind)
+        return r if r and "error" not in r and "skipped" not in r else None
+
+    tp, st = get("storm", "testpulse"), get("storm", "stock")
+    if tp:
+        vs = f" vs stock {st['joins_per_s']}" if st else ""
+        good = (not st or tp["joins_per_s"] >= st["joins_per_s"]) and (tp["connect_join_ms"]["p99"] or 1e9) <= 500
+        lines.append(
+            f"  storm: joins/s {tp['joins_per_s']}{vs} (>= stock), p99 {tp['connect_join_ms']['p99']} ms (<= 500): "
+            + ("met" if good else "NOT met")
+        )
+    tp = get("fanout", "testpulse")
+    if tp:
+        good = tp["drained"] and tp["lost"] == 0 and tp["out_of_order"] == 0 and (tp["latency_ms"]["p99"] or 1e9) <= 40
+        lines.append(
+            f"  fanout: p99 {tp['latency_ms']['p99']} ms (<= 40), lost {tp['lost']}, reordered {tp['out_of_order']}: "
+            + ("met" if good else "NOT met")
+        )
+    tp, st = get("maxrate", "testpulse"), get("maxrate", "stock")
+    if tp and st:
+        a, b = tp["max_deliveries_per_s"] or 0, st["max_deliveries_per_s"] or 0
+        ratio = f"{a / b:.2f}x" if b else "n/a"
+        lines.append(
+            f"  maxrate: {a} vs stock {b} deliveries/s = {ratio} (>= 2x): " + ("met" if b and a >= 2 * b else "NOT met")
+        )
+    tp = get("idle", "testpulse")
+    if tp and tp["kb_per_client"] is not None:
+        lines.append(
+            f"  idle: {tp['kb_per_client']} KB per client (<= 30): "
+            + ("met" if tp["kb_per_client"] <= 30 else "NOT met")
+        )
+    return lines
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser("cluster", help="testpulse vs stock python-socketio, N nodes behind nginx")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--db", default="sqlite", help="testpulse database: sqlite (temp file, default) or a PostgreSQL URL")
+    p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS), help=",".join(SCENARIOS))
+    p.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="testpulse,stock")
+    p.add_argument("--seconds", type=float, default=10.0, help="publishing time of fanout, overload, routing")
+    p.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="per client, connect + join")
+    p.add_argument("--join-concurrency", type=int, default=200, help="connects in flight outside the storm")
+    p.add_argument(
+        "--batch-ms", type=int, default=0, help="testpulse viewers join with batch_ms (detection_batch frames); 0: off"
+    )
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="longest wait for deliveries after publishing")
+    p.add_argument("--storm-clients", type=int, default=2000)
+    p.add_argument("--storm-sessions", type=int, default=100)
+    p.add_argument("--storm-concurrency", type=int, default=2000, help="connects in flight (all at once by default)")
+    p.add_argument("--fanout-viewers", type=int, default=100)
+    p.add_argument("--fanout-rate", type=float, default=200.0)
+    p.add_argument("--overload-viewers", type=int, default=1000)
+    p.add_argument("--overload-rate", type=float, default=200.0)
+    p.add_argument("--max-viewers", type=int, default=1000)
+    p.add_argument(
+        "--max-rates", type=_csv(float), default=[2, 4, 8, 16, 32, 64, 128, 256], help="rates tried in order"
+    )
+    p.add_argument("--step-seconds", type=float, default=5.0)
+    p.add_argument("--step-drain", type=float, default=2.0, help="a step keeps up if delivered this soon after")
+    p.add_argument("--max-p99-ms", type=float, default=1000.0, help="a step's p99 latency bound")
+    p.add_argument("--idle-clients", type=int, default=3000)
+    p.add_argument("--idle-sessions", type=int, default=100)
+    p.add_argument("--idle-join", type=int, default=1, help="1: idle clients also join a session; 0: connect only")
+    p.add_argument("--idle-settle", type=float, default=3.0, help="seconds before measuring RSS")
+    p.add_argument("--routing-sessions", type=int, default=100)
+    p.add_argument("--routing-viewers", type=int, default=1, help="viewers per session")
+    p.add_argument("--routing-rate", type=float, default=200.0)
+    p.add_argument(
+        "--profile", type=_csv(str), default=[], help="py-spy node1 during these scenarios (storm,fanout,overload)"
+    )
+    p.add_argument("--profile-seconds", type=float, default=5.0)
+    p.add_argument("--stock-uvicorn-args", default="", help="extra uvicorn flags for stock nodes, e.g. '--ws wsproto'")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.set_defaults(run=run)
