@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 from support.client import Client, detection
 from support.cluster import OpenClient, Publisher, RunningCluster, sequence_problems, stored_events
+from support.processes import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -116,7 +117,9 @@ async def test_join_with_last_seq_on_another_node_replays_without_gap_or_duplica
         seen = before.seqs(session_id)
         assert not sequence_problems(seen, list(range(1, len(seen) + 1)))
         last_seq = seen[-1]
-        # Still publishing: the rejoin races live detections on the other node.
+        # Some detections are committed while the viewer is away (so there is something to replay)...
+        await wait_until(_acked_beyond(publisher, last_seq + 2), deadline=20, what="detections while away")
+        # ...and publishing goes on: the rejoin races live detections on the other node.
         after = await open_client(third.url, "viewer", transport=transport, name="after")
         ack = await after.ok("join_session", {"session_id": session_id, "last_seq": last_seq})
         await publisher.wait_acked(len(publisher.acked) + 25, deadline=20)
@@ -147,3 +150,10 @@ async def test_handshakes_through_the_proxy_spread_over_every_node(
     # Each client is really held by the node it was told: a round trip over its own session works.
     answers = await asyncio.gather(*(c.call("join_session", {"session_id": "no-such-session"}) for c in clients))
     assert all(a["ok"] is False and a["error"]["code"] == "not_found" for a in answers), answers
+
+
+def _acked_beyond(publisher: Publisher, seq: int):  # type: ignore[no-untyped-def]
+    async def probe() -> bool:
+        return bool(publisher.acked) and publisher.acked[-1] > seq
+
+    return probe
