@@ -242,14 +242,20 @@ class TestpulseClient(SocketIOClient):
 
     # ---- leaving -----------------------------------------------------------------------------
 
+    def disconnect(self) -> None:
+        """python-socketio's disconnect without waiting for the read loop: over long-polling the held
+        GET only ends at the server's next ping (~30 s; python-engineio does the same against a
+        stock server), and `connect` calls this on a refusal, so a refused polling client would
+        take 30 s to learn it. Socket.IO DISCONNECT and Engine.IO CLOSE are still sent."""
+        for namespace in list(self.namespaces):
+            self._send_packet(self.packet_class(sio_packet.DISCONNECT, namespace=namespace))
+        self.eio.disconnect(abort=True)
+
     def close(self) -> None:
-        """Leave politely: Socket.IO DISCONNECT, then Engine.IO CLOSE. Unlike `disconnect()` this does
-        not wait for the read loop to end, which for long-polling can take a whole poll."""
+        """Leave politely (DISCONNECT, CLOSE) and do not look back."""
         self.closing = True
         with contextlib.suppress(Exception):
-            for namespace in list(self.namespaces):
-                self._send_packet(self.packet_class(sio_packet.DISCONNECT, namespace=namespace))
-            self.eio.disconnect(abort=True)
+            self.disconnect()
 
     def drop(self) -> None:
         """Vanish the way a network failure does: the WebSocket's TCP connection is shut without a

@@ -564,6 +564,7 @@ class Control:
                 "duplicates": self.counters.get("duplicates"),
                 "published": self.counters.get("published"),
                 "verified_viewers": self.counters.get("verified"),
+                "never_joined": self.counters.get("never_joined"),
             },
             "rates": self._rates(entries),
             "refusals": self.counters.by_prefix("refused:"),

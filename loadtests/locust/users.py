@@ -121,6 +121,7 @@ class ViewerUser(TestpulseUser):
         self.joining = False
         self.gave_up = False
         self.verified = False
+        self.joined_once = False
         self.next_churn = float("inf")
         spread = (self.index * GOLDEN) % 1.0
         self.spread = spread
@@ -172,6 +173,7 @@ class ViewerUser(TestpulseUser):
             ack = client.call("join_session", payload)
         finally:
             self.joining = False
+        self.joined_once = True
         self.rec.count("replayed", int(ack.get("replayed") or 0))
         if self.tracker.last is None:
             self.join_floor = int(ack.get("session", {}).get("last_seq") or 0)
@@ -242,6 +244,10 @@ class ViewerUser(TestpulseUser):
         seen = self.seen()
         if seen >= target:
             self.rec.request(DELIVERY, "complete", elapsed)
+        elif not self.joined_once:
+            # Not a delivery gap: this viewer never got in, which connect+join already failed.
+            self.rec.count("never_joined")
+            self.rec.request(DELIVERY, "complete", elapsed, DeliveryError(f"{self.session_id}: never joined"))
         else:
             self.rec.count("gaps")
             self.rec.count("lost", target - seen)
