@@ -160,7 +160,7 @@ def locust_argv(args: argparse.Namespace, target: str, results: Path, cluster_js
         "--results-dir",
         str(results),
         "--fault",
-        args.fault,
+        args.fault or ("disconnect" if args.scenario == "reconnect" else "none"),
     ]
     if cluster_json:
         argv += ["--cluster-json", cluster_json]
@@ -337,10 +337,4 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--locust-args", default="", metavar="'ARGS'", help="more Locust options: --locust-args='--csv-full-history'"
     )
-    parser.set_defaults(run=_run_with_defaults)
-
-
-def _run_with_defaults(args: argparse.Namespace) -> int:
-    if args.fault is None:
-        args.fault = "disconnect" if args.scenario == "reconnect" else "none"
-    return run(args)
+    parser.set_defaults(run=run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ if str(ROOT) not in sys.path:
 # Neither module imports Locust (which would monkey-patch this test process with gevent).
 from loadtests.locust import slo  # noqa: E402
 from loadtests.locust.delivery import SeqTracker  # noqa: E402
+from server.cli import parser  # noqa: E402
+from server.loadtest import parse_duration  # noqa: E402
 
 pytestmark = [pytest.mark.loadtest, pytest.mark.unit]
 
@@ -79,3 +83,23 @@ def test_seq_tracker_joined_live_takes_the_first_seq_as_baseline() -> None:
     tracker = SeqTracker("s1", last=None)
     assert [tracker.see(seq) for seq in (41, 42, 43)] == ["ok", "ok", "ok"]
     assert tracker.gaps == tracker.duplicates == 0
+
+
+def test_run_time_takes_locust_durations() -> None:
+    assert [parse_duration(t) for t in ("90", "45s", "2m", "1h30m")] == [90, 45, 120, 5400]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration("soon")
+
+
+def test_loadtest_command_hands_knobs_and_objectives_to_locust(tmp_path: Path) -> None:
+    from server.loadtest import locust_argv
+
+    given = "loadtest reconnect --users 30 --run-time 1m --polling-share 0.5 --slo-max-gaps 3"
+    args = parser().parse_args([*given.split(), "--slo-connect-p99-ms=off", "--locust-args=--csv-full-history"])
+    argv = locust_argv(args, "http://127.0.0.1:9", tmp_path, str(tmp_path / "cluster.json"))
+    pairs = dict(itertools.pairwise(argv))
+    assert pairs["--users"] == "30" and pairs["--run-time"] == "60s" and pairs["--host"] == "http://127.0.0.1:9"
+    assert pairs["--fault"] == "disconnect"  # the reconnect scenario's own fault unless told otherwise
+    assert pairs["--polling-share"] == "0.5" and pairs["--slo-max-gaps"] == "3"
+    assert pairs["--slo-connect-p99-ms"] == "off" and pairs["--cluster-json"] == str(tmp_path / "cluster.json")
+    assert argv[-1] == "--csv-full-history" and "--sessions" not in argv
