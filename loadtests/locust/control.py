@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from loadtests.locust.client import DELIVERY, RECOVER, SIO, Recorder
 log = logging.getLogger("testpulse.loadtest")
 
 PHASES = ("ramp", "main", "drain", "leave", "done")
-TOKEN_TTL_SECONDS = 6 * 3600
+TOKEN_TTL_SECONDS = 3600  # beyond the run time
 PLAN_TIMEOUT = 60.0  # a user gives up waiting for the plan (sessions created by the master) after this
 STEP_TIMEOUT = 20.0  # longest wait for detectors to stop, viewers to leave, workers to report
 
@@ -207,8 +207,9 @@ class Plan:
     config: RunConfig
 
 
-def tokens() -> Any:
-    """Tokens signed the way the cluster verifies them (TESTPULSE_JWT_SECRET etc. from the environment)."""
+def tokens(run_time: Callable[[], float]) -> Callable[[str], str]:
+    """Tokens signed the way the cluster verifies them (TESTPULSE_JWT_SECRET etc. from the
+    environment), valid for the whole run plus a margin, so a soak never meets auth_expired."""
     from server.auth import issue_token
     from server.settings import Settings
 
@@ -217,7 +218,8 @@ def tokens() -> Any:
 
     def token(role: str) -> str:
         if role not in cache:
-            cache[role] = issue_token(settings, role=role, sub=f"loadtest-{role}", ttl_seconds=TOKEN_TTL_SECONDS)
+            ttl = TOKEN_TTL_SECONDS + run_time()
+            cache[role] = issue_token(settings, role=role, sub=f"loadtest-{role}", ttl_seconds=ttl)
         return cache[role]
 
     return token
@@ -230,9 +232,13 @@ class Control:
         self.scenario = scenario
         self.environment: Environment | None = None
         self.counters = Counters()
-        self.token = tokens()
         self._config: RunConfig | None = None
         self.reset()
+
+    def _run_time(self) -> float:
+        if self.plan.ready():
+            return float(self.plan.get().config.run_time)
+        return self._config.run_time if self._config else 0.0
 
     def reset(self) -> None:
         self.plan: AsyncResult = AsyncResult()
@@ -241,6 +247,7 @@ class Control:
         self.fault: AsyncResult = AsyncResult()
         self.final: AsyncResult = AsyncResult()
         self.counters.reset()
+        self.token = tokens(self._run_time)  # a new run may be longer than the last one
         self._indexes: dict[str, itertools.count[int]] = {}
         self._worker_finals: set[str] = set()
         self._marks: dict[str, float] = {}
