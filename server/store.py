@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Float, event, func, select, text, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
 from server.protocol import DetectionIn, ErrorCode, ProtocolError
@@ -20,6 +35,8 @@ from server.sessions import ACTIONS, Session, Status, StoredDetection, utcnow
 log = logging.getLogger("testpulse.store")
 
 SCHEMA_VERSION = 1
+SQLITE_READERS = 3  # reader threads (and connections) per node; WAL readers do not block the writer
+T = TypeVar("T")
 
 
 class SessionRow(SQLModel, table=True):
@@ -108,26 +125,43 @@ def _detection(row: Any) -> StoredDetection:
 
 
 class Database:
-    """Async engines over one URL. SQLite gets a writer engine whose transactions take the write
-    lock up front (BEGIN IMMEDIATE), so two processes never deadlock upgrading a read lock."""
+    """Runs units of work (functions of a SQLAlchemy Connection, one transaction each) without
+    blocking the event loop.
+
+    PostgreSQL: the async engine (asyncpg) runs the function through `run_sync`, so each statement
+    awaits the socket; no thread is involved. SQLite: the function runs whole in a worker thread
+    on a synchronous engine, so a transaction costs one hop to the thread and one back, however
+    many statements it has (aiosqlite would pay a hop per statement, fetch and commit). Writes go
+    through one thread and take the write lock up front (BEGIN IMMEDIATE: two processes never
+    deadlock upgrading a read lock); reads use a few threads of their own (WAL lets them run
+    beside a writer).
+    """
 
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.url = url
         self.timeout = timeout
         self.is_sqlite = url.startswith("sqlite")
+        self._engine: AsyncEngine | None = None
         if self.is_sqlite:
-            self.writer = self._sqlite_engine(url, immediate=True)
-            self.reader = self._sqlite_engine(url, immediate=False)
+            sync_url = url.replace("sqlite+aiosqlite://", "sqlite://", 1)
+            self._writer = self._sqlite_engine(sync_url, immediate=True)
+            self._reader = self._sqlite_engine(sync_url, immediate=False, pool_size=SQLITE_READERS)
+            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
+            self._read_threads = ThreadPoolExecutor(SQLITE_READERS, thread_name_prefix="testpulse-sqlite-read")
         else:
-            self.writer = create_async_engine(
+            self._engine = create_async_engine(
                 url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=timeout
             )
-            self.reader = self.writer
 
-    def _sqlite_engine(self, url: str, *, immediate: bool) -> AsyncEngine:
-        engine = create_async_engine(url, connect_args={"timeout": self.timeout})
+    def _sqlite_engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:
+        engine = create_engine(
+            url,
+            connect_args={"timeout": self.timeout, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=0,
+        )
 
-        @event.listens_for(engine.sync_engine, "connect")
+        @event.listens_for(engine, "connect")
         def on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Hand transaction control to the "begin" hook below instead of pysqlite's own.
             dbapi_connection.isolation_level = None
@@ -139,21 +173,33 @@ class Database:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-        @event.listens_for(engine.sync_engine, "begin")
+        @event.listens_for(engine, "begin")
         def on_begin(conn: Any) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(), self.writer.begin() as conn:
-            yield conn
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one transaction that commits when it returns and rolls back if it raises."""
+        if self._engine is not None:
+            async with self._guard(), self._engine.begin() as conn:
+                return await conn.run_sync(work)
+        return await self._in_thread(self._write_thread, self._writer, work)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(), self.reader.connect() as conn:
-            yield conn
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        if self._engine is not None:
+            async with self._guard(), self._engine.connect() as conn:
+                return await conn.run_sync(work)
+        return await self._in_thread(self._read_threads, self._reader, work)
+
+    async def _in_thread(self, pool: ThreadPoolExecutor, engine: Engine, work: Callable[[Connection], T]) -> T:
+        def transaction() -> T:
+            with engine.begin() as conn:
+                return work(conn)
+
+        async with self._guard():
+            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(pool, transaction))
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -169,27 +215,33 @@ class Database:
 
     async def create_schema(self) -> None:
         """Create missing tables; safe when several nodes start at once."""
-        async with self._guard(), self.writer.begin() as conn:
+
+        def create(conn: Connection) -> None:
             if not self.is_sqlite:
                 # Serialises concurrent node starts; SQLite's BEGIN IMMEDIATE already does.
-                await conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-            await conn.run_sync(SQLModel.metadata.create_all)
-            current = (await conn.execute(select(func.max(schema_t.c.version)))).scalar()
+                conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            SQLModel.metadata.create_all(conn)
+            current = conn.execute(select(func.max(schema_t.c.version))).scalar()
             if current is None:
-                await conn.execute(schema_t.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
+                conn.execute(schema_t.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
             elif current > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"database schema is version {current}, newer than this build ({SCHEMA_VERSION}); upgrade testpulse"
                 )
 
+        await self.write(create)
+
     async def ping(self) -> None:
-        async with self.read() as conn:
-            await conn.execute(text("SELECT 1"))
+        await self.read(lambda conn: conn.execute(text("SELECT 1")).scalar())
 
     async def close(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
+            return
+        self._write_thread.shutdown(wait=True)
+        self._read_threads.shutdown(wait=True)
+        self._writer.dispose()
+        self._reader.dispose()
 
 
 class SqlStore:
@@ -201,8 +253,8 @@ class SqlStore:
     # ---- SessionStore ------------------------------------------------------------------------
 
     async def create(self, session: Session, actor: str) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
+        def insert(conn: Connection) -> None:
+            conn.execute(
                 sessions_t.insert().values(
                     id=session.id,
                     name=session.name,
@@ -213,7 +265,7 @@ class SqlStore:
                     updated_at=session.updated_at,
                 )
             )
-            await conn.execute(
+            conn.execute(
                 audit_t.insert().values(
                     session_id=session.id,
                     action="create",
@@ -225,57 +277,57 @@ class SqlStore:
                 )
             )
 
+        await self.db.write(insert)
+
     async def get(self, session_id: str) -> Session | None:
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(sessions_t).where(sessions_t.c.id == session_id))).first()
+        query = select(sessions_t).where(sessions_t.c.id == session_id)
+        row = await self.db.read(lambda conn: conn.execute(query).first())
         return None if row is None else _session(row)
 
     async def list_sessions(self, only: frozenset[str] | None, limit: int) -> list[Session]:
         query = select(sessions_t).order_by(sessions_t.c.created_at.desc(), sessions_t.c.id).limit(limit)
         if only is not None:
             query = query.where(sessions_t.c.id.in_(sorted(only)))
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [_session(row) for row in rows]
 
     async def change_status(
         self, session_id: str, expected: Status, target: Status, actor: str, reason: str | None
     ) -> Session | None:
         now = utcnow()
-        async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    update(sessions_t)
-                    .where(sessions_t.c.id == session_id, sessions_t.c.status == expected.value)
-                    .values(status=target.value, updated_at=now)
-                    .returning(*sessions_t.c)
-                )
+
+        def change(conn: Connection) -> Any:
+            row = conn.execute(
+                update(sessions_t)
+                .where(sessions_t.c.id == session_id, sessions_t.c.status == expected.value)
+                .values(status=target.value, updated_at=now)
+                .returning(*sessions_t.c)
             ).first()
-            if row is None:
-                return None
-            await conn.execute(
-                audit_t.insert().values(
-                    session_id=session_id,
-                    action=_action(expected, target),
-                    actor=actor[:256],
-                    from_status=expected.value,
-                    to_status=target.value,
-                    reason=reason,
-                    at=now,
+            if row is not None:
+                conn.execute(
+                    audit_t.insert().values(
+                        session_id=session_id,
+                        action=_action(expected, target),
+                        actor=actor[:256],
+                        from_status=expected.value,
+                        to_status=target.value,
+                        reason=reason,
+                        at=now,
+                    )
                 )
-            )
-        return _session(row)
+            return row
+
+        row = await self.db.write(change)
+        return None if row is None else _session(row)
 
     async def count_by_status(self) -> dict[str, int]:
         query = select(sessions_t.c.status, func.count()).group_by(sessions_t.c.status)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return {status: count for status, count in rows}
 
     async def audit(self, session_id: str) -> list[dict[str, Any]]:
         query = select(audit_t).where(audit_t.c.session_id == session_id).order_by(audit_t.c.id)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [
             {
                 "action": r.action,
@@ -303,26 +355,25 @@ class SqlStore:
         """Append several requests in one transaction (group commit). Each request gets its own
         outcome; a request for a session that is not running fails alone. Sessions are locked in
         id order so that two nodes committing overlapping groups cannot deadlock."""
-        outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
         by_session: dict[str, list[int]] = {}
         for index, (session_id, _) in enumerate(requests):
             by_session.setdefault(session_id, []).append(index)
         now = utcnow()
-        rows: list[dict[str, Any]] = []
-        async with self.db.write() as conn:
+
+        def append(conn: Connection) -> list[list[StoredDetection] | ProtocolError]:
+            outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
+            rows: list[dict[str, Any]] = []
             for session_id in sorted(by_session):
                 indexes = by_session[session_id]
                 count = sum(len(requests[i][1]) for i in indexes)
-                last = (
-                    await conn.execute(
-                        update(sessions_t)
-                        .where(sessions_t.c.id == session_id, sessions_t.c.status == Status.RUNNING.value)
-                        .values(last_seq=sessions_t.c.last_seq + count)
-                        .returning(sessions_t.c.last_seq)
-                    )
+                last = conn.execute(
+                    update(sessions_t)
+                    .where(sessions_t.c.id == session_id, sessions_t.c.status == Status.RUNNING.value)
+                    .values(last_seq=sessions_t.c.last_seq + count)
+                    .returning(sessions_t.c.last_seq)
                 ).scalar()
                 if last is None:
-                    error = await self._why_not_running(conn, session_id)
+                    error = _why_not_running(conn, session_id)
                     for i in indexes:
                         outcomes[i] = error
                     continue
@@ -347,14 +398,10 @@ class SqlStore:
                     outcomes[i] = stored
                     rows.extend(_detection_row(d) for d in stored)
             if rows:
-                await conn.execute(detections_t.insert(), rows)
-        return outcomes
+                conn.execute(detections_t.insert(), rows)
+            return outcomes
 
-    async def _why_not_running(self, conn: AsyncConnection, session_id: str) -> ProtocolError:
-        status = (await conn.execute(select(sessions_t.c.status).where(sessions_t.c.id == session_id))).scalar()
-        if status is None:
-            return ProtocolError(ErrorCode.NOT_FOUND, f"session '{session_id}' does not exist")
-        return ProtocolError(ErrorCode.SESSION_NOT_RUNNING, f"session '{session_id}' is {status}, not running")
+        return await self.db.write(append)
 
     async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
         query = (
@@ -363,9 +410,15 @@ class SqlStore:
             .order_by(detections_t.c.seq)
             .limit(limit)
         )
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [_detection(row) for row in rows]
+
+
+def _why_not_running(conn: Connection, session_id: str) -> ProtocolError:
+    status = conn.execute(select(sessions_t.c.status).where(sessions_t.c.id == session_id)).scalar()
+    if status is None:
+        return ProtocolError(ErrorCode.NOT_FOUND, f"session '{session_id}' does not exist")
+    return ProtocolError(ErrorCode.SESSION_NOT_RUNNING, f"session '{session_id}' is {status}, not running")
 
 
 def _detection_row(d: StoredDetection) -> dict[str, Any]:
