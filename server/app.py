@@ -35,6 +35,7 @@ class Node:
         self.settings = settings
         self.draining = False
         self._sampler: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.db = Database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
@@ -75,6 +76,7 @@ class Node:
         await self.db.create_schema()
         self.log.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")
+        self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
             self.cluster.on_resubscribed = self.feeds.resync
@@ -114,8 +116,9 @@ class Node:
             tick += 1
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._sweeper):
+            if task is not None:
+                task.cancel()
         await self.drain()
         if self.cluster is not None:
             await self.cluster.close()

@@ -371,7 +371,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def _receive(self) -> None:
         while True:
             await self._reconcile()
-            message = await self._pubsub.get_message(timeout=0.05)
+            # Short, so a room subscription asked for by a join goes out within ~10 ms.
+            message = await self._pubsub.get_message(timeout=0.01)
             if message is None:
                 if self.probe_age() > self._probe_timeout:
                     raise ConnectionError(f"no probe for {self.probe_age():.1f}s: subscription is deaf")
@@ -421,9 +422,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             metrics.REDIS_MESSAGES_RECEIVED.labels("rejected").inc()
             return
         method = message["method"]
+        # Any verified message proves the subscription hears; a busy node may read its own probe
+        # late, and must not mistake that for a deaf connection.
+        self._last_probe = time.monotonic()
         if method == "probe":
-            if channel == self._probe_channel:
-                self._last_probe = time.monotonic()
             return
         if message.get("host_id") == self.host_id and method != "callback":
             return

@@ -35,6 +35,7 @@ log = logging.getLogger("testpulse.delivery")
 
 EARLY_MAX = 10_000  # out-of-order detections held per feed before relying on the store alone
 WINDOW_ITEMS_MAX = 500  # a batch window that fills up is flushed early
+IDLE_SWEEP_SECONDS = 5.0  # a feed idle this long checks the store for anything it was not told of
 _EMITTED = metrics.EVENTS_EMITTED.labels("detection_event")
 _EMITTED_BATCH = metrics.EVENTS_EMITTED.labels("detection_batch")
 
@@ -63,6 +64,7 @@ class Feed:
     windows: dict[int, Window] = field(default_factory=dict)  # batch_ms -> window
     early: dict[int, StoredDetection] = field(default_factory=dict)
     joining: int = 0
+    last_delivery: float = field(default_factory=time.monotonic)
     catch_up: asyncio.Task[None] | None = None
     catch_up_wanted: bool = False
     # Backpressure: cleared while some member's queue is above the high-water mark.
@@ -205,6 +207,18 @@ class Feeds:
         for feed in list(feeds):
             self._want_catch_up(feed, delay=0.0)
 
+    async def sweep_forever(self, idle_seconds: float = IDLE_SWEEP_SECONDS) -> None:
+        """Safety net: a feed that heard nothing for a while reads the store once. A detection whose
+        only announcement was lost (a publisher node that died between commit and publish, a
+        commit that outlived its caller's timeout) still reaches viewers when nothing follows it."""
+        while True:
+            await asyncio.sleep(idle_seconds)
+            now = time.monotonic()
+            for feed in list(self._feeds.values()):
+                if now - feed.last_delivery >= idle_seconds and feed.catch_up is None:
+                    feed.last_delivery = now
+                    self._want_catch_up(feed, delay=0.0)
+
     def _want_catch_up(self, feed: Feed, delay: float) -> None:
         if feed.catch_up is not None:
             feed.catch_up_wanted = True
@@ -220,11 +234,13 @@ class Feeds:
                     return
             while True:
                 feed.catch_up_wanted = False
-                metrics.GAP_FILLS.inc()
                 rows = await self._log.since(feed.session_id, feed.cursor, self._page)
+                filled = 0
                 for row in rows:
                     if row.seq == feed.cursor + 1:
                         self._deliver(feed, row)
+                        filled += 1
+                metrics.GAP_FILLS.inc(filled)
                 self._drain_early(feed)
                 if self._feeds.get(feed.session_id) is not feed:
                     return
@@ -255,6 +271,7 @@ class Feeds:
 
     def _deliver(self, feed: Feed, item: StoredDetection) -> None:
         feed.cursor = item.seq
+        feed.last_delivery = time.monotonic()
         metrics.DELIVERY_LAG_SECONDS.observe(max(0.0, time.time() - item.received_at.timestamp()))
         for window in feed.windows.values():
             if window.members:

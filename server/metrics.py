@@ -43,7 +43,9 @@ DELIVERY_LAG_SECONDS = Histogram(
     "testpulse_delivery_lag_seconds", "From a detection's store time to its emit on this node.", buckets=LATENCY_BUCKETS
 )
 REPLAYED = Counter("testpulse_replayed_detections_total", "Detections replayed to joining clients from the store.")
-GAP_FILLS = Counter("testpulse_gap_fills_total", "Reads from the store to fill a gap in the live detection stream.")
+GAP_FILLS = Counter(
+    "testpulse_gap_fills_total", "Detections delivered from the store because their live announcement was late or lost."
+)
 RATE_LIMITED = Counter("testpulse_rate_limited_total", "Events or handshakes refused with `rate_limited`.", ["kind"])
 SLOW_CONSUMERS = Counter(
     "testpulse_slow_consumer_disconnects_total", "Clients disconnected because their outgoing queue overflowed."

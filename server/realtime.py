@@ -37,22 +37,26 @@ _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", d
 
 
 class PollingSafeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
-    """Engine.IO socket that answers one long-polling GET with at most POLL_PACKETS_MAX packets.
-    python-engineio clients refuse a payload of more than 16 packets and drop the connection, so a
-    replay queued in one go must go out over several polls. WebSocket writes are not capped."""
+    """Engine.IO socket with a cheaper poll. python-engineio clients refuse a long-polling payload
+    of more than 16 packets and drop the connection, so one GET answers at most POLL_PACKETS_MAX
+    (a replay queued in one go goes out over several polls). The WebSocket writer, which calls this
+    once per wake-up, takes what is queued without creating a task and a timer each time."""
 
     async def poll(self) -> list[Any]:
-        if self.upgraded:
-            return list(await super().poll())
-        try:
-            first = await asyncio.wait_for(self.queue.get(), self.server.ping_interval + self.server.ping_timeout)
-            self.queue.task_done()
-        except (TimeoutError, asyncio.CancelledError):
-            raise engineio.exceptions.QueueEmpty() from None
+        if self.queue.empty():
+            try:
+                async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
+                    first = await self.queue.get()
+            except (TimeoutError, asyncio.CancelledError):
+                raise engineio.exceptions.QueueEmpty() from None
+        else:
+            first = self.queue.get_nowait()
+        self.queue.task_done()
         if first is None:
             return []
+        limit = WRITE_PACKETS_MAX if self.upgraded else POLL_PACKETS_MAX
         packets = [first]
-        while len(packets) < POLL_PACKETS_MAX and not self.queue.empty():
+        while len(packets) < limit and not self.queue.empty():
             pkt = self.queue.get_nowait()
             self.queue.task_done()
             if pkt is None:
@@ -63,6 +67,7 @@ class PollingSafeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc
 
 
 POLL_PACKETS_MAX = 16
+WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
 
 
 # Handler names python-socketio uses itself; a client event by these names is an unknown event.
