@@ -41,6 +41,7 @@ class DrainingServer:
             ws="auto",
             ws_max_size=settings.max_payload_bytes + FRAME_OVERHEAD_BYTES,
             ws_ping_interval=None,  # Engine.IO pings; a second heartbeat only costs frames
+            ws_per_message_deflate=settings.websocket_compression,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
             log_level=settings.log_level,
             access_log=False,

@@ -408,6 +408,15 @@ class Feeds:
         socket.queue.put_nowait(self._packet(event, data))
         metrics.EVENTS_EMITTED.labels(event).inc()
 
+    def send(self, sid: str, event: str, data: dict[str, Any]) -> bool:
+        """Queue one event for one local client without python-socketio's task per emit; False
+        when the client is gone."""
+        try:
+            self._send(self._socket(sid), event, data)
+        except ProtocolError:
+            return False
+        return True
+
     async def _drain(self, socket: Any) -> None:
         """Let a replaying client's queue empty below half the limit before the next page."""
         # Engine.IO's queue has no drain notification, so poll it; replay is not a hot path.

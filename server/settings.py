@@ -60,6 +60,10 @@ class Settings:
     max_payload_bytes: int = field(
         default=1_048_576, metadata={"doc": "largest Socket.IO message or HTTP body accepted"}
     )
+    websocket_compression: bool = field(
+        default=False,
+        metadata={"doc": "permessage-deflate on WebSockets: less bandwidth for much more CPU and memory per client"},
+    )
     rate_limit_per_second: float = field(default=200.0, metadata={"doc": "sustained events per second per connection"})
     rate_limit_burst: int = field(
         default=400, metadata={"doc": "events a connection may send at once above the sustained rate"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ from server.sessions import ACTIONS, Session, Status, StoredDetection, utcnow
 log = logging.getLogger("testpulse.store")
 
 SCHEMA_VERSION = 1
-SQLITE_READERS = 3  # reader threads (and connections) per node; WAL readers do not block the writer
+SESSION_READ_BATCH = 500  # ids per shared session read (well under SQLite's bound-parameter limit)
+SQLITE_READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
 T = TypeVar("T")
 
 
@@ -249,6 +251,9 @@ class SqlStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Session reads asked for while one is running are answered together by the next one.
+        self._wanted: dict[str, list[asyncio.Future[Session | None]]] = {}
+        self._reading: asyncio.Task[None] | None = None
 
     # ---- SessionStore ------------------------------------------------------------------------
 
@@ -280,9 +285,35 @@ class SqlStore:
         await self.db.write(insert)
 
     async def get(self, session_id: str) -> Session | None:
-        query = select(sessions_t).where(sessions_t.c.id == session_id)
-        row = await self.db.read(lambda conn: conn.execute(query).first())
-        return None if row is None else _session(row)
+        """The session as stored when the read runs, which is always after this call. A join storm
+        asks for thousands of sessions at once: concurrent calls share one `IN (...)` query."""
+        answer: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+        self._wanted.setdefault(session_id, []).append(answer)
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read_wanted(), name="testpulse-session-reads")
+        return await answer
+
+    async def _read_wanted(self) -> None:
+        try:
+            while self._wanted:
+                ids = list(itertools.islice(self._wanted, SESSION_READ_BATCH))
+                waiting = {session_id: self._wanted.pop(session_id) for session_id in ids}
+                query = select(sessions_t).where(sessions_t.c.id.in_(ids))
+                try:
+                    rows = await self.db.read(lambda conn, q=query: conn.execute(q).all())  # type: ignore[misc]
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+                    for futures in waiting.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                found = {row.id: _session(row) for row in rows}
+                for session_id, futures in waiting.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(session_id))
+        finally:
+            self._reading = None
 
     async def list_sessions(self, only: frozenset[str] | None, limit: int) -> list[Session]:
         query = select(sessions_t).order_by(sessions_t.c.created_at.desc(), sessions_t.c.id).limit(limit)
