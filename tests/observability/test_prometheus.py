@@ -20,7 +20,7 @@ import pytest
 import socketio
 
 from server.auth import issue_token
-from server.cluster import Cluster
+from server.cluster import Cluster, free_port
 from server.settings import Settings
 
 pytestmark = [
@@ -90,7 +90,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     run_dir = tmp_path_factory.mktemp("observed-cluster")
     node = Cluster(
         nodes=2,
-        port=_free_port(),
+        port=free_port(),
         run_dir=run_dir,
         with_prometheus=True,
         database_url=f"sqlite+aiosqlite:///{run_dir / 'testpulse.db'}",
@@ -102,12 +102,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         node.stop()
     assert not [name for name, proc in node.processes.items() if proc.poll() is None]
-
-
-def _free_port() -> int:
-    from server.cluster import free_port
-
-    return free_port()
 
 
 async def drive_traffic(proxy: str, rounds: int = 3) -> None:
