@@ -24,10 +24,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.cluster import NODES_BLOCK
+
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 TEMPLATE = ROOT / "nginx.conf"
-NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
 LISTEN = re.compile(r"listen 127\.0\.0\.1:\d+")
 PROXY_PORT = 8080
 NODE_PORT = 8000
