@@ -40,12 +40,6 @@ def test_rendered_config_differs_from_the_repository_only_in_nodes_and_listen(na
     assert outside_nodes_block(RENDERED[name].read_text()) == outside_nodes_block(NGINX_CONF.read_text())
 
 
-def test_the_local_renderer_of_testpulse_cluster_uses_the_same_markers():
-    from server import cluster
-
-    assert renderer().NODES_BLOCK.pattern == cluster.NODES_BLOCK.pattern
-
-
 def localized(text: str, port: int = 18000) -> str:
     """The config with every node address on loopback and without `resolve`, which Debian's nginx
     (1.22) lacks; everything else is what the deployment runs."""
