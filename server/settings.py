@@ -135,6 +135,9 @@ class Settings:
             fail("jwt_secret", "must be at least 32 characters")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             fail("database_url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if self.is_sqlite and (":memory:" in self.database_url or self.database_url.rstrip("/").endswith(":")):
+            # Each connection to an in-memory SQLite is a database of its own; a node has several.
+            fail("database_url", "SQLite needs a file path, e.g. sqlite+aiosqlite:///./testpulse.db")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             fail("redis_url", "must start with redis://, rediss:// or unix://")
         positive = (

@@ -305,7 +305,8 @@ def http_routes() -> set[str]:
     from server.app import create_app
     from server.settings import Settings
 
-    app = create_app(Settings.from_env({}, database_url="sqlite+aiosqlite:///:memory:"))
+    # Building the app opens no database; the file is never created.
+    app = create_app(Settings.from_env({}, database_url="sqlite+aiosqlite:///unused-by-route-listing.db"))
     return {route.path for route in app.node.http.routes()}
 
 

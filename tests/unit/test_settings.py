@@ -126,3 +126,9 @@ def test_explicit_overrides_win_over_the_environment() -> None:
 def test_overrides_are_validated_too() -> None:
     with pytest.raises(SettingsError, match=r"^TESTPULSE_NODE_ID:"):
         Settings.from_env({}, node_id="x" * 100)
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite://"])
+def test_in_memory_sqlite_is_refused_naming_the_variable(url: str) -> None:
+    # A node opens several connections; each would see an empty in-memory database of its own.
+    refused({"TESTPULSE_DATABASE_URL": url}, "TESTPULSE_DATABASE_URL")
