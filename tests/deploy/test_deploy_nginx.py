@@ -51,8 +51,7 @@ def localized(text: str, port: int = 18000) -> str:
 @pytest.mark.parametrize("name", RENDERED)
 def test_nginx_accepts_the_rendered_config(name, tmp_path: Path):
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-    if nginx is None:
-        pytest.skip("nginx not installed")
+    assert nginx is not None, "nginx is missing: ./scripts/setup installs it"
     version = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr
     numbers = tuple(int(n) for n in re.findall(r"nginx/(\d+)\.(\d+)\.(\d+)", version)[0])
     text = RENDERED[name].read_text()

@@ -23,10 +23,7 @@ from server.auth import issue_token
 from server.cluster import Cluster, free_port
 from server.settings import Settings
 
-pytestmark = [
-    pytest.mark.observability,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is installed by ./scripts/setup"),
-]
+pytestmark = pytest.mark.observability
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "testpulse.json"
@@ -87,6 +84,7 @@ def concrete(expr: str, instance: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    assert shutil.which("prometheus"), "prometheus is missing: ./scripts/setup installs Debian's prometheus"
     run_dir = tmp_path_factory.mktemp("observed-cluster")
     node = Cluster(
         nodes=2,
