@@ -24,6 +24,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = REPO_ROOT / "nginx.conf"
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+PROXY_FAIL_TIMEOUT_SECONDS = 5  # nginx.conf: `max_fails=1 fail_timeout=5s` on every node
 NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
 PR_SET_PDEATHSIG = 1
 
@@ -378,7 +379,12 @@ def run(args: argparse.Namespace) -> int:
     while not stopping:
         if rolling:
             rolling = False
-            for spec in cluster.specs:
+            for index, spec in enumerate(cluster.specs):
+                if index:
+                    # A draining node answers handshakes with 503, and nginx then skips it for
+                    # fail_timeout (5 s). Restarting the next node sooner could leave the proxy
+                    # with no node in rotation ("no live upstreams"): let it forgive the last one.
+                    time.sleep(PROXY_FAIL_TIMEOUT_SECONDS + 1)
                 print(f"testpulse cluster: rolling restart of {spec.node_id}", flush=True)
                 cluster.restart_node(spec.node_id)
             reported.clear()
