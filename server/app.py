@@ -97,14 +97,15 @@ class Node:
             await self.cluster.flush(self.settings.shutdown_timeout_seconds)
 
     async def _sample_forever(self) -> None:
-        """Gauges that are read, not counted: event-loop lag every second, sessions by status
-        (a cheap GROUP BY) every ten."""
+        """Gauges that are read, not counted: event-loop lag and room membership every second,
+        sessions by status (a cheap GROUP BY) every ten."""
         loop = asyncio.get_running_loop()
         tick = 0
         while True:
             started = loop.time()
             await asyncio.sleep(1.0)
             metrics.EVENT_LOOP_LAG_SECONDS.set(max(0.0, loop.time() - started - 1.0))
+            self.feeds.sample_gauges()
             if tick % 10 == 0:
                 try:
                     counts = await self.store.count_by_status()

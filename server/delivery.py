@@ -111,7 +111,6 @@ class Feeds:
     def detach(self, sid: str) -> None:
         for session_id in self._memberships.pop(sid, set()):
             self._remove(sid, session_id)
-        self._update_gauges()
 
     def leave(self, sid: str, session_id: str) -> bool:
         joined = self._memberships.get(sid)
@@ -119,14 +118,10 @@ class Feeds:
             return False
         joined.discard(session_id)
         self._remove(sid, session_id)
-        self._update_gauges()
         return True
 
     def sessions_of(self, sid: str) -> set[str]:
         return set(self._memberships.get(sid, ()))
-
-    def watched_sessions(self) -> list[str]:
-        return list(self._feeds)
 
     async def join(self, sid: str, session: Session, last_seq: int | None, batch_ms: int = 0) -> int:
         """Replay detections after `last_seq` (none when it is None), then go live. Returns the
@@ -182,7 +177,6 @@ class Feeds:
         finally:
             feed.joining -= 1
             self._forget_if_unused(feed)
-            self._update_gauges()
 
     # ---- live path ---------------------------------------------------------------------------
 
@@ -423,7 +417,8 @@ class Feeds:
         while socket.queue.qsize() > self._queue_max // 2 and not socket.closed:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
-    def _update_gauges(self) -> None:
+    def sample_gauges(self) -> None:
+        """Rooms and members on this node: O(rooms), so sampled, not recomputed on every join."""
         metrics.ROOMS.set(len(self._feeds))
         metrics.ROOM_MEMBERS.set(sum(f.member_count() for f in self._feeds.values()))
 

@@ -175,18 +175,7 @@ class Client:
 
     async def wait_for(self, predicate: Callable[[], Any], *, deadline: float = 10.0, what: str = "condition") -> Any:
         """Wait until `predicate()` is truthy (re-checked on every received event) and return its value."""
-        give_up = time.monotonic() + deadline
-        while True:
-            self._changed.clear()
-            value = predicate()
-            if value:
-                return value
-            remaining = give_up - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{self.name}: {what} not seen within {deadline:.1f}s; {self.summary()}")
-            # Events wake us; the cap re-checks predicates that depend on something else (e.g. time).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+        return await wait_on(self._changed, predicate, deadline, lambda: f"{self.name}: {what}; {self.summary()}")
 
     async def wait_for_event(
         self, event: str, match: Callable[[Any], bool] = lambda _: True, *, deadline: float = 10.0
@@ -227,3 +216,21 @@ def detection(i: int = 0, **fields: Any) -> dict[str, Any]:
     }
     body.update(fields)
     return body
+
+
+async def wait_on(
+    changed: asyncio.Event, predicate: Callable[[], Any], deadline: float, failure: Callable[[], str]
+) -> Any:
+    """Re-check `predicate` whenever `changed` is set (and at least every 0.25 s, for predicates
+    that depend on something else, e.g. time) until it is truthy; return its value."""
+    give_up = time.monotonic() + deadline
+    while True:
+        changed.clear()
+        value = predicate()
+        if value:
+            return value
+        remaining = give_up - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"not seen within {deadline:.1f}s: {failure()}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(remaining, 0.25))

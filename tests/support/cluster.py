@@ -28,7 +28,7 @@ from redis import asyncio as aioredis
 
 from server.auth import issue_token
 from server.settings import Settings
-from support.client import TRANSPORTS, Client, detection
+from support.client import TRANSPORTS, Client, detection, wait_on
 from support.processes import ROOT, Process, free_port, spawn, testpulse_command, until_ready, wait_until
 
 SECRET = "testpulse-cluster-tests-secret-0123456789-abcdef"
@@ -493,17 +493,7 @@ class Viewer:
     # ---- waiting -----------------------------------------------------------------------------
 
     async def wait_for(self, predicate: Callable[[], Any], *, deadline: float = 10.0, what: str = "condition") -> Any:
-        give_up = time.monotonic() + deadline
-        while True:
-            self._changed.clear()
-            value = predicate()
-            if value:
-                return value
-            remaining = give_up - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{self.name}: {what} not seen within {deadline:.1f}s; {self.summary()}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+        return await wait_on(self._changed, predicate, deadline, lambda: f"{self.name}: {what}; {self.summary()}")
 
     async def wait_for_seq(self, seq: int, *, deadline: float = 15.0) -> None:
         await self.wait_for(lambda: self.last_seq >= seq, deadline=deadline, what=f"seq {seq}")
