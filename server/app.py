@@ -13,7 +13,7 @@ from typing import Any
 import socketio
 from starlette.applications import Starlette
 
-from server import __version__, metrics
+from server import __version__, gctune, metrics
 from server.auth import TokenVerifier
 from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
@@ -83,6 +83,7 @@ class Node:
             # Subscribe now, not at the first client connection as python-socketio would.
             self.sio.manager_initialized = True
             self.cluster.initialize()
+        gctune.tune_for_long_lived_connections()
         log.info("node %s ready (database %s)", self.settings.node_id, self.db.url.split("://")[0])
 
     async def drain(self) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import engineio
 import socketio
 
 from server import metrics
@@ -29,6 +28,7 @@ from server.protocol import (
 from server.ratelimit import KeyedLimiter, TokenBucket
 from server.sessions import Hub, Verb, iso, utcnow
 from server.settings import Settings
+from server.transport import TaggedEngineServer
 
 log = logging.getLogger("testpulse.realtime")
 
@@ -36,67 +36,8 @@ log = logging.getLogger("testpulse.realtime")
 _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", default=False)
 
 
-class PollingSafeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
-    """Engine.IO socket with a cheaper poll. python-engineio clients refuse a long-polling payload
-    of more than 16 packets and drop the connection, so one GET answers at most POLL_PACKETS_MAX
-    (a replay queued in one go goes out over several polls). The WebSocket writer, which calls this
-    once per wake-up, takes what is queued without creating a task and a timer each time."""
-
-    async def poll(self) -> list[Any]:
-        if self.queue.empty():
-            try:
-                async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
-                    first = await self.queue.get()
-            except (TimeoutError, asyncio.CancelledError):
-                raise engineio.exceptions.QueueEmpty() from None
-        else:
-            first = self.queue.get_nowait()
-        self.queue.task_done()
-        if first is None:
-            return []
-        limit = WRITE_PACKETS_MAX if self.upgraded else POLL_PACKETS_MAX
-        packets = [first]
-        while len(packets) < limit and not self.queue.empty():
-            pkt = self.queue.get_nowait()
-            self.queue.task_done()
-            if pkt is None:
-                self.queue.put_nowait(None)
-                break
-            packets.append(pkt)
-        return packets
-
-
-POLL_PACKETS_MAX = 16
-WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
-
-
 # Handler names python-socketio uses itself; a client event by these names is an unknown event.
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "*"})
-
-
-class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
-    """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
-    proxy can send every later request of a session (long-polling, upgrade) to the node that holds
-    it without cookies or client-IP hashing (see nginx.conf)."""
-
-    sid_tag = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sockets = _SocketTable()
-
-    def generate_id(self) -> str:
-        return f"{self.sid_tag}.{super().generate_id()}" if self.sid_tag else str(super().generate_id())
-
-
-class _SocketTable(dict[str, Any]):
-    """Engine.IO's sid -> socket table. Engine.IO constructs its socket class directly, so the one
-    place to make every new socket a PollingSafeSocket is where the server registers it."""
-
-    def __setitem__(self, sid: str, socket: Any) -> None:
-        if type(socket) is engineio.async_socket.AsyncSocket:
-            socket.__class__ = PollingSafeSocket
-        super().__setitem__(sid, socket)
 
 
 class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
@@ -289,8 +230,13 @@ class Realtime:
         if sid not in self.connections:
             return
         self.feeds.detach(sid)
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         await self.sio.emit("error", {"code": code, "message": message}, to=sid)
         await self.sio.disconnect(sid)
+        if eio_sid is not None:
+            # python-socketio only leaves the namespace: a client that ignored that would keep its
+            # connection, and its slot on this node, for as long as it answers PINGs.
+            await self.sio.eio.disconnect(eio_sid)
 
     async def disconnect_all(self, code: str, message: str) -> None:
         """Ask every client of this node to go elsewhere (used when draining)."""

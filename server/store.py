@@ -19,6 +19,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    bindparam,
     create_engine,
     event,
     func,
@@ -92,6 +93,10 @@ class SchemaVersionRow(SQLModel, table=True):
 sessions_t = SessionRow.__table__  # type: ignore[attr-defined]
 detections_t = DetectionRow.__table__  # type: ignore[attr-defined]
 audit_t = AuditRow.__table__  # type: ignore[attr-defined]
+
+# Built once: SQLAlchemy memoizes a statement's cache key on the object, so a join storm's reads
+# skip building and keying a new SELECT each time (most of their cost on the event loop).
+SESSIONS_BY_ID = select(sessions_t).where(sessions_t.c.id.in_(bindparam("ids", expanding=True)))
 schema_t = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 
 
@@ -298,9 +303,8 @@ class SqlStore:
             while self._wanted:
                 ids = list(itertools.islice(self._wanted, SESSION_READ_BATCH))
                 waiting = {session_id: self._wanted.pop(session_id) for session_id in ids}
-                query = select(sessions_t).where(sessions_t.c.id.in_(ids))
                 try:
-                    rows = await self.db.read(lambda conn, q=query: conn.execute(q).all())  # type: ignore[misc]
+                    rows = await self.db.read(lambda conn, i=ids: conn.execute(SESSIONS_BY_ID, {"ids": i}).all())  # type: ignore[misc]
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                     for futures in waiting.values():
                         for future in futures:

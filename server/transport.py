@@ -1,0 +1,288 @@
+"""The Engine.IO layer of a node: python-engineio's server with sockets that cost less per client.
+
+python-engineio gives every WebSocket client a reader that starts a task and a timer per received
+packet, a writer that arms a timer per wake-up, a task that sleeps until the next PING, and an
+asyncio.Queue (four deques). On an idle node that is most of a client's memory, and on a busy one
+a good share of its CPU. Here:
+  - the reader awaits the WebSocket directly; a silent client is still closed by Engine.IO's own
+    service task, which checks every socket's PING deadline;
+  - the writer waits on the queue without a timer (the queue's None ends it);
+  - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
+  - the queue is a deque allocated only while it holds packets.
+The wire protocol is unchanged (Engine.IO v4), long-polling included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import engineio
+from engineio import packet
+
+POLL_PACKETS_MAX = 16  # python-engineio clients drop a long-polling payload of more packets
+WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
+_PING = packet.Packet(packet.PING)
+
+
+class PacketQueue:
+    """The subset of asyncio.Queue that Engine.IO sockets and the delivery feeds use, for one
+    consumer at a time (a socket's writer, or its one pending long-poll)."""
+
+    __slots__ = ("_getter", "_idle", "_items", "_unfinished")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] | None = None
+        self._getter: asyncio.Future[None] | None = None
+        self._unfinished = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        self._unfinished += 1
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._getter is not None and not self._getter.done():
+                raise RuntimeError("PacketQueue has one consumer at a time")
+            getter = asyncio.get_running_loop().create_future()
+            self._getter = getter
+            try:
+                await getter
+            finally:
+                if self._getter is getter:
+                    self._getter = None
+        return self.get_nowait()
+
+    def task_done(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished <= 0 and self._idle is not None:
+            idle, self._idle = self._idle, None
+            if not idle.done():
+                idle.set_result(None)
+
+    async def join(self) -> None:
+        if self._unfinished > 0:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+
+
+class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
+    """Engine.IO socket with the lean reader, writer and PING schedule described above."""
+
+    # Set by engineio's BaseSocket; declared for the type checker (engineio is untyped).
+    server: Any
+    sid: str
+    queue: PacketQueue
+    last_ping: float | None
+    connected: bool
+    upgraded: bool
+    upgrading: bool
+    closed: bool
+    closing: bool
+
+    async def poll(self) -> list[Any]:
+        if self.queue.empty():
+            if self.upgraded:
+                first = await self.queue.get()  # a WebSocket writer waits as long as it takes
+            else:
+                try:
+                    # A long-poll GET is answered empty-handed (closing the socket) when nothing
+                    # comes within a PING cycle, as python-engineio does.
+                    async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
+                        first = await self.queue.get()
+                except (TimeoutError, asyncio.CancelledError):
+                    raise engineio.exceptions.QueueEmpty() from None
+        else:
+            first = self.queue.get_nowait()
+        self.queue.task_done()
+        if first is None:
+            return []
+        limit = WRITE_PACKETS_MAX if self.upgraded else POLL_PACKETS_MAX
+        packets = [first]
+        while len(packets) < limit and not self.queue.empty():
+            pkt = self.queue.get_nowait()
+            self.queue.task_done()
+            if pkt is None:
+                self.queue.put_nowait(None)
+                break
+            packets.append(pkt)
+        return packets
+
+    async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
+        await super().close(wait=wait, abort=abort, reason=reason)
+        if self.upgraded:
+            # Ends the WebSocket writer after whatever is queued (the CLOSE packet, if any), and
+            # with it the WebSocket: the reader has no timer of its own to notice a mute peer.
+            self.queue.put_nowait(None)
+
+    def schedule_ping(self) -> None:
+        # As python-engineio: only after the previous PING was answered (last_ping is set then).
+        if self.last_ping:
+            self.last_ping = None
+            self.server.pinger.schedule(self.sid, self.server.ping_interval)
+
+    async def _websocket_handler(self, ws: Any) -> None:
+        if self.connected:
+            if not await self._finish_upgrade(ws):
+                return
+        else:
+            self.connected = True
+        self.upgraded = True
+        writer = asyncio.ensure_future(self._write_forever(ws))
+        try:
+            await self._read_forever(ws)
+        finally:
+            self.queue.put_nowait(None)  # ends the writer once it has sent what is queued
+            await writer
+            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+
+    async def _finish_upgrade(self, ws: Any) -> bool:
+        """Engine.IO's polling -> WebSocket upgrade: PING "probe", PONG "probe", then UPGRADE."""
+        self.upgrading = True  # long-polls answer NOOP from here on
+        try:
+            probe = packet.Packet(encoded_packet=await self._receive(ws))
+            if probe.packet_type != packet.PING or probe.data != "probe":
+                return False
+            await ws.send(packet.Packet(packet.PONG, data="probe").encode())
+            self.queue.put_nowait(packet.Packet(packet.NOOP))  # releases a pending long-poll
+            upgrade = packet.Packet(encoded_packet=await self._receive(ws))
+            return bool(upgrade.packet_type == packet.UPGRADE)
+        except (OSError, ValueError):
+            return False
+        finally:
+            self.upgrading = False
+
+    async def _receive(self, ws: Any) -> Any:
+        data = await ws.wait()
+        if data and len(data) > self.server.max_http_buffer_size:
+            raise ValueError("packet is too large")
+        return data
+
+    async def _read_forever(self, ws: Any) -> None:
+        while not self.closed:
+            try:
+                data = await self._receive(ws)
+            except (OSError, ValueError):
+                return
+            if data is None:
+                return
+            try:
+                await self.receive(packet.Packet(encoded_packet=data))
+            except engineio.exceptions.UnknownPacketError:
+                continue
+            except engineio.exceptions.SocketIsClosedError:
+                return
+            except Exception:  # a bad packet must not end the reader
+                self.server.logger.exception("%s: packet handling failed", self.sid)
+
+    async def _write_forever(self, ws: Any) -> None:
+        try:
+            while True:
+                packets = await self.poll()
+                if not packets:
+                    break
+                for pkt in packets:
+                    await ws.send(pkt.encode())
+                if self.closed:
+                    # Closed by the server (disconnect, PING timeout): the CLOSE packet has gone
+                    # out; closing the WebSocket ends the reader too, even if the peer stays mute.
+                    break
+        except Exception:  # noqa: BLE001 - a failed write means the peer is gone
+            pass
+        await ws.close()
+
+
+class Pinger:
+    """Sends each socket's Engine.IO PING when it falls due, from one task per node instead of one
+    sleeping task per connection. Every socket waits the same interval, so due times arrive in
+    the order they were scheduled and a FIFO is the whole timer structure."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._due: deque[tuple[float, str]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def schedule(self, sid: str, delay: float) -> None:
+        self._due.append((time.monotonic() + delay, sid))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="testpulse-engineio-pinger")
+
+    def pending(self) -> int:
+        return len(self._due)
+
+    async def _run(self) -> None:
+        due = self._due
+        try:
+            while due:
+                wait = due[0][0] - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                now = time.monotonic()
+                while due and due[0][0] <= now:
+                    self._ping(due.popleft()[1])
+        finally:
+            self._task = None
+
+    def _ping(self, sid: str) -> None:
+        socket = self._server.sockets.get(sid)
+        if socket is None or socket.closing or socket.closed or socket.last_ping is not None:
+            return
+        socket.last_ping = time.time()
+        socket.queue.put_nowait(_PING)
+
+
+class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
+    """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
+    proxy can send every later request of a session (long-polling, upgrade) to the node that holds
+    it without cookies or client-IP hashing (see nginx.conf). Its sockets are NodeSockets."""
+
+    sid_tag = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sockets = _SocketTable()
+        self.pinger = Pinger(self)
+
+    def generate_id(self) -> str:
+        return f"{self.sid_tag}.{super().generate_id()}" if self.sid_tag else str(super().generate_id())
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
+        return PacketQueue()
+
+
+class _SocketTable(dict[str, Any]):
+    """Engine.IO's sid -> socket table. Engine.IO constructs its socket class directly, so the one
+    place to make every new socket a NodeSocket is where the server registers it."""
+
+    def __setitem__(self, sid: str, socket: Any) -> None:
+        if type(socket) is engineio.async_socket.AsyncSocket:
+            socket.__class__ = NodeSocket
+        super().__setitem__(sid, socket)

@@ -1,0 +1,135 @@
+"""Engine.IO heartbeat and close, on a node with a 1 s PING interval and a 1 s PING timeout.
+
+The node sends PINGs from one task per node and reads WebSockets without a per-packet timer
+(server/transport.py): these tests prove that live clients stay, mute ones go, and that a
+WebSocket closed by the server ends even when the peer ignores the CLOSE packet."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support.nodes import Connect, NodeUnderTest, node_with
+
+pytestmark = pytest.mark.contract
+
+HEARTBEAT_ENV = {
+    "TESTPULSE_NODE_ID": "heartbeat",
+    "TESTPULSE_PING_INTERVAL_SECONDS": "1",
+    "TESTPULSE_PING_TIMEOUT_SECONDS": "1",
+    "TESTPULSE_TOKEN_CHECK_LEEWAY_SECONDS": "0",
+}
+
+
+@pytest.fixture(scope="module")
+async def beat_node(logs_dir: Path) -> AsyncIterator[NodeUnderTest]:
+    async with node_with("sqlite", HEARTBEAT_ENV, logs_dir) as running:
+        yield running
+
+
+class RawClient:
+    """An Engine.IO v4 / Socket.IO v5 client over a bare WebSocket that answers PINGs only when told to."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.frames: list[tuple[float, str]] = []
+        self.closed_at: float | None = None
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, node: NodeUnderTest, token: str) -> RawClient:
+        ws = await http.ws_connect(f"{node.url}/socket.io/?EIO=4&transport=websocket", autoping=True)
+        client = cls(ws)
+        opened = await ws.receive_str(timeout=10)
+        assert opened.startswith("0{")
+        await ws.send_str("40" + json.dumps({"token": token}))
+        connected = await ws.receive_str(timeout=10)
+        assert connected.startswith("40{"), connected
+        return client
+
+    async def listen(self, *, answer_pings: bool, until: float) -> None:
+        """Record frames until the server closes the WebSocket or `until` (monotonic) passes."""
+        while (left := until - time.monotonic()) > 0:
+            try:
+                msg = await self.ws.receive(timeout=left)
+            except TimeoutError:
+                return
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                self.closed_at = time.monotonic()
+                return
+            self.frames.append((time.monotonic(), msg.data))
+            if msg.data == "2" and answer_pings:
+                await self.ws.send_str("3")
+
+    def pings(self) -> list[float]:
+        return [at for at, data in self.frames if data == "2"]
+
+    def events(self, name: str) -> list[Any]:
+        found = []
+        for _, data in self.frames:
+            if data.startswith("42"):
+                event = json.loads(data[2:])
+                if event[0] == name:
+                    found.append(event[1] if len(event) > 1 else None)
+        return found
+
+
+async def connected_clients(http: aiohttp.ClientSession, node: NodeUnderTest) -> float:
+    async with http.get(f"{node.url}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("testpulse_connected_clients{")
+    )
+
+
+async def settles_at(fetch: Callable[[], Awaitable[float]], expected: float, what: str, deadline: float = 10.0) -> None:
+    give_up = time.monotonic() + deadline
+    while (value := await fetch()) != expected:
+        assert time.monotonic() < give_up, f"{what}: still {value}, expected {expected}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_client_that_answers_pings_stays_connected_over_many_intervals(
+    beat_node: NodeUnderTest, connect: Connect, transport: str
+) -> None:
+    client = await connect(beat_node, "operator", transport=transport)
+    await asyncio.sleep(4.5)  # four and a half PING cycles, each with a 1 s deadline for the PONG
+    assert client.connected, client.summary()
+    session = await client.start_session()
+    assert session["status"] == "running"
+
+
+async def test_the_node_pings_on_schedule_and_drops_a_client_that_stops_answering(beat_node: NodeUnderTest) -> None:
+    async with aiohttp.ClientSession() as http:
+        before = await connected_clients(http, beat_node)
+        client = await RawClient.connect(http, beat_node, beat_node.token("viewer"))
+        await client.listen(answer_pings=True, until=time.monotonic() + 3.5)
+        pings = client.pings()
+        assert len(pings) >= 2, client.frames  # one per second, sent in one-second slots
+        assert all(0.3 <= b - a <= 3.0 for a, b in itertools.pairwise(pings)), pings
+        assert client.closed_at is None
+
+        went_mute = time.monotonic()
+        await client.listen(answer_pings=False, until=went_mute + 10)
+        # The unanswered PING is at most ~1 s away, its deadline 1 s later, and the service task
+        # that enforces it looks at each socket within the timeout again: well inside 10 s.
+        assert client.closed_at is not None, "the node kept a client that stopped answering PINGs"
+        await settles_at(lambda: connected_clients(http, beat_node), before, "connected clients after the mute one")
+
+
+async def test_a_server_side_close_ends_the_websocket_even_if_the_peer_ignores_it(beat_node: NodeUnderTest) -> None:
+    async with aiohttp.ClientSession() as http:
+        before = await connected_clients(http, beat_node)
+        client = await RawClient.connect(http, beat_node, beat_node.token("viewer", ttl=2.0))
+        # The token expires after 2 s: the node sends `error` (auth_expired) and a Socket.IO
+        # DISCONNECT, then closes. The client answers PINGs but never closes its side.
+        await client.listen(answer_pings=True, until=time.monotonic() + 15)
+        assert [e["code"] for e in client.events("error")] == ["auth_expired"], client.frames
+        assert client.closed_at is not None, "the node left a closed session's WebSocket open"
+        await settles_at(lambda: connected_clients(http, beat_node), before, "connected clients after the expiry")
