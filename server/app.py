@@ -36,6 +36,7 @@ class Node:
         self.draining = False
         self._sampler: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
         self.db = Database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
@@ -77,6 +78,7 @@ class Node:
         self.log.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")
         self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
+        self._expirer = asyncio.create_task(self.realtime.expire_forever(), name="testpulse-token-expiry")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
             self.cluster.on_resubscribed = self.feeds.resync
@@ -118,7 +120,7 @@ class Node:
             tick += 1
 
     async def stop(self) -> None:
-        for task in (self._sampler, self._sweeper):
+        for task in (self._sampler, self._sweeper, self._expirer):
             if task is not None:
                 task.cancel()
         await self.drain()

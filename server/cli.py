@@ -32,13 +32,15 @@ class DrainingServer:
     def __init__(self, app: Any, settings: Settings, host: str, port: int) -> None:
         import uvicorn
 
+        from server.wsprotocol import LeanWebSocketProtocol
+
         config = uvicorn.Config(
             app,
             host=host,
             port=port,
             loop="auto",
             http="auto",
-            ws="auto",
+            ws=LeanWebSocketProtocol,
             ws_max_size=settings.max_payload_bytes + FRAME_OVERHEAD_BYTES,
             ws_ping_interval=None,  # Engine.IO pings; a second heartbeat only costs frames
             ws_per_message_deflate=settings.websocket_compression,

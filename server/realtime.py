@@ -36,6 +36,8 @@ log = logging.getLogger("testpulse.realtime")
 _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", default=False)
 
 
+EXPIRY_CHECK_SECONDS = 1.0
+
 # Handler names python-socketio uses itself; a client event by these names is an unknown event.
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "*"})
 
@@ -46,7 +48,16 @@ class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
 
     def __init__(self, *args: Any, sid_tag: str = "", **kwargs: Any) -> None:
         self._sid_tag = sid_tag
+        # Called with the sid once a connection is accepted and its CONNECT packet is queued.
+        self.on_connected: Callable[[str], None] | None = None
         super().__init__(*args, **kwargs)
+
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        namespace = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if self.on_connected is not None and sid is not None and self.manager.is_connected(sid, namespace):
+            self.on_connected(sid)
 
     def _engineio_server_class(self) -> type:
         tag = self._sid_tag
@@ -84,7 +95,7 @@ class Connection:
     principal: Principal
     bucket: TokenBucket
     transport: str
-    expiry: asyncio.TimerHandle | None = None
+    expired: bool = False
 
 
 Handler = Callable[[str, Connection, Any], Awaitable[dict[str, Any]]]
@@ -123,6 +134,7 @@ class Realtime:
         self._handshakes = KeyedLimiter(settings.connect_rate_per_second, settings.connect_rate_burst)
         self._tasks: set[asyncio.Task[Any]] = set()
         sio.on("connect", self.connect)
+        sio.on_connected = self._greet
         sio.on("disconnect", self.disconnect)
         sio.on("*", self.unknown_event)
         for event, handler in self.handlers().items():
@@ -156,12 +168,8 @@ class Realtime:
         )
         self.connections[sid] = conn
         self.feeds.attach(sid)
-        loop = asyncio.get_running_loop()
-        delay = principal.expires_at - time.time() + self.settings.token_check_leeway_seconds
-        conn.expiry = loop.call_later(max(0.0, delay), self._expire, sid)
         metrics.CONNECTS.inc()
         metrics.CONNECTED_CLIENTS.labels(conn.transport).inc()
-        self._spawn(self._greet(sid))
         # python-socketio keeps the handshake's environ for the life of the connection, and with it
         # every request header and a class Engine.IO defines per request: several KB per idle
         # client. Nothing reads it after this handler (the WebSocket has taken its ASGI channels);
@@ -185,16 +193,7 @@ class Realtime:
         except AuthError as exc:
             raise Refused(exc.code, exc.message) from None
 
-    async def _greet(self, sid: str) -> None:
-        # connection_status must follow the CONNECT packet, which the server queues after this
-        # handler returns and before it registers the connection with the manager; by the time
-        # this task runs that has normally happened, and a few loop turns bound the exception.
-        for attempt in range(200):
-            if self.sio.manager.is_connected(sid, "/"):
-                break
-            await asyncio.sleep(0 if attempt < 10 else 0.005)
-        else:
-            return
+    def _greet(self, sid: str) -> None:
         self.feeds.send(
             sid,
             "connection_status",
@@ -211,11 +210,23 @@ class Realtime:
         conn = self.connections.pop(sid, None)
         if conn is None:
             return
-        if conn.expiry is not None:
-            conn.expiry.cancel()
         self.feeds.detach(sid)
         metrics.DISCONNECTS.labels(_reason_label(reason)).inc()
         metrics.CONNECTED_CLIENTS.labels(conn.transport).dec()
+
+    async def expire_forever(self) -> None:
+        """Drop connections whose token has expired, checked once a second: one pass over the
+        node's connections instead of a timer per connection (each costs memory while idle)."""
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_SECONDS)
+            self.expire_due(time.time())
+
+    def expire_due(self, now: float) -> None:
+        limit = now - self.settings.token_check_leeway_seconds
+        for sid, conn in list(self.connections.items()):
+            if conn.principal.expires_at <= limit and not conn.expired:
+                conn.expired = True
+                self._expire(sid)
 
     def _expire(self, sid: str) -> None:
         self._spawn(self._drop(sid, "auth_expired", "token has expired; reconnect with a fresh one"))
@@ -282,7 +293,9 @@ class Realtime:
         if conn is None:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "connection is closing")
         if conn.principal.expires_at + self.settings.token_check_leeway_seconds < time.time():
-            self._expire(sid)
+            if not conn.expired:
+                conn.expired = True
+                self._expire(sid)
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "token has expired")
         if not conn.bucket.take():
             metrics.RATE_LIMITED.labels("event").inc()
