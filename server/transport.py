@@ -6,7 +6,8 @@ asyncio.Queue (four deques). On an idle node that is most of a client's memory, 
 a good share of its CPU. Here:
   - the reader awaits the WebSocket directly; a silent client is still closed by Engine.IO's own
     service task, which checks every socket's PING deadline;
-  - the writer waits on the queue without a timer (the queue's None ends it);
+  - the writer waits on the queue without a timer (the queue's None ends it), and hands what it
+    finds queued to the server in one write where the server allows (server/wsprotocol.py);
   - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
   - the queue is a deque allocated only while it holds packets.
 The wire protocol is unchanged (Engine.IO v4), long-polling included.
@@ -21,6 +22,8 @@ from typing import Any
 
 import engineio
 from engineio import packet
+
+from server.wsprotocol import SEND_BATCH
 
 POLL_PACKETS_MAX = 16  # python-engineio clients drop a long-polling payload of more packets
 WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
@@ -107,6 +110,7 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     upgrading: bool
     closed: bool
     closing: bool
+    batch_writes: bool  # the server takes SEND_BATCH (several WebSocket messages in one write)
 
     async def poll(self) -> list[Any]:
         if self.queue.empty():
@@ -203,14 +207,24 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             except Exception:  # a bad packet must not end the reader
                 self.server.logger.exception("%s: packet handling failed", self.sid)
 
+    async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
+        extensions = environ.get("asgi.scope", {}).get("extensions") or {}
+        self.batch_writes = SEND_BATCH in extensions
+        return await super()._upgrade_websocket(environ)
+
     async def _write_forever(self, ws: Any) -> None:
+        batch_writes = getattr(self, "batch_writes", False)
         try:
             while True:
                 packets = await self.poll()
                 if not packets:
                     break
-                for pkt in packets:
-                    await ws.send(pkt.encode())
+                if batch_writes and len(packets) > 1:
+                    # Everything queued goes out in one write (server/wsprotocol.py).
+                    await ws.asgi_send({"type": SEND_BATCH, "messages": [pkt.encode() for pkt in packets]})
+                else:
+                    for pkt in packets:
+                        await ws.send(pkt.encode())
                 if self.closed:
                     # Closed by the server (disconnect, PING timeout): the CLOSE packet has gone
                     # out; closing the WebSocket ends the reader too, even if the peer stays mute.
