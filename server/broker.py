@@ -44,6 +44,8 @@ _UPDATES = metrics.EVENTS_EMITTED.labels("test_session_update")
 ROOM_PREFIX = "session:"
 BACKPRESSURE_PATIENCE_SECONDS = 2.0  # a publisher held longer than this is told rate_limited
 SIGNATURE_BYTES = 16
+LISTEN_SLICE_BUSY = 0.01  # seconds per pub/sub read while subscriptions are pending
+LISTEN_SLICE_IDLE = 0.05  # otherwise; also the longest a first join into a new room waits to subscribe
 
 
 class NodeBroadcast:
@@ -371,8 +373,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def _receive(self) -> None:
         while True:
             await self._reconcile()
-            # Short, so a room subscription asked for by a join goes out within ~10 ms.
-            message = await self._pubsub.get_message(timeout=0.01)
+            # The listener sends subscriptions between reads: while joins are waiting for one it
+            # reads in short slices so they go out within ~10 ms; otherwise in longer ones, so
+            # that an idle node does not wake a hundred times a second.
+            busy = self._dirty or self._waiters or self._requested
+            message = await self._pubsub.get_message(timeout=LISTEN_SLICE_BUSY if busy else LISTEN_SLICE_IDLE)
             if message is None:
                 if self.probe_age() > self._probe_timeout:
                     raise ConnectionError(f"no probe for {self.probe_age():.1f}s: subscription is deaf")

@@ -273,17 +273,86 @@ class Pinger:
         socket.queue.put_nowait(_PING)
 
 
+class RequestBody:
+    """`wsgi.input` of an Engine.IO request: the ASGI body, read on demand (long-polling POSTs)."""
+
+    __slots__ = ("_event", "_payload", "_receive")
+
+    def __init__(self, event: dict[str, Any], receive: Any) -> None:
+        self._event = event
+        self._receive = receive
+        self._payload: bytes | None = None
+
+    async def read(self, length: int | None = None) -> bytes:
+        if self._payload is None:
+            payload = (self._event.get("body") or b"") if self._event["type"] == "http.request" else b""
+            while self._event.get("more_body"):
+                self._event = await self._receive()
+                if self._event["type"] == "http.request":
+                    payload += self._event.get("body") or b""
+            self._payload = payload
+        if length is None:
+            data, self._payload = self._payload, b""
+        else:
+            data, self._payload = self._payload[:length], self._payload[length:]
+        return data
+
+
+async def asgi_environ(scope: dict[str, Any], receive: Any, send: Any) -> dict[str, Any]:
+    """The request environ Engine.IO works on, built from an ASGI scope. python-engineio's own
+    defines a class per request (freed only by the cyclic collector); this one shares one."""
+    event = await receive()
+    if event["type"] not in ("http.request", "websocket.connect"):
+        return {}
+    path = scope["path"]
+    try:
+        query = scope.get("query_string", b"").decode()
+    except UnicodeDecodeError:
+        query = ""
+    environ: dict[str, Any] = {
+        "wsgi.input": RequestBody(event, receive),
+        "wsgi.async": True,
+        "REQUEST_METHOD": scope.get("method", "GET"),
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "RAW_URI": f"{path}?{query}" if query else path,
+        "SCRIPT_NAME": "",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",  # the peer is in the scope (client_address() reads it there)
+        "asgi.receive": receive,
+        "asgi.send": send,
+        "asgi.scope": scope,
+    }
+    for raw_name, raw_value in scope["headers"]:
+        try:
+            name = raw_name.decode().upper()
+            value = raw_value.decode()
+        except UnicodeDecodeError:
+            continue
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+        elif name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+        else:
+            key = "HTTP_" + name.replace("-", "_")
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+    environ["wsgi.url_scheme"] = environ.get("HTTP_X_FORWARDED_PROTO", "http")
+    return environ
+
+
 class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
     proxy can send every later request of a session (long-polling, upgrade) to the node that holds
     it without cookies or client-IP hashing (see nginx.conf). Its sockets are NodeSockets."""
 
     sid_tag = ""
+    _async: dict[str, Any]  # engineio's async driver table (untyped library)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sockets = _SocketTable()
         self.pinger = Pinger(self)
+        self._async = {**self._async, "translate_request": asgi_environ}
 
     def generate_id(self) -> str:
         return f"{self.sid_tag}.{super().generate_id()}" if self.sid_tag else str(super().generate_id())
