@@ -53,7 +53,9 @@ ACTIONS: dict[tuple[Status, Status], str] = {
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:  # everything the node makes is already UTC; skip the conversion
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def utcnow() -> datetime:

@@ -44,6 +44,7 @@ log = logging.getLogger("testpulse.store")
 
 SCHEMA_VERSION = 1
 SESSION_READ_BATCH = 500  # ids per shared session read (well under SQLite's bound-parameter limit)
+SESSION_READ_SPACING = 0.01  # seconds between the starts of shared session reads, under load
 SQLITE_READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
 T = TypeVar("T")
 
@@ -353,6 +354,7 @@ class SqlStore:
         # Session reads asked for while one is running are answered together by the next one.
         self._wanted: dict[str, list[asyncio.Future[Session | None]]] = {}
         self._reading: asyncio.Task[None] | None = None
+        self._next_read_at = 0.0
 
     # ---- SessionStore ------------------------------------------------------------------------
 
@@ -393,8 +395,17 @@ class SqlStore:
         return await answer
 
     async def _read_wanted(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._wanted:
+                # Under load, reads start at most every SESSION_READ_SPACING seconds, so a join storm
+                # shares each read (and its trip to a database thread, which on a busy machine costs
+                # far more than the query) among the joins of the last few milliseconds. An idle
+                # node reads at once.
+                wait = self._next_read_at - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._next_read_at = loop.time() + SESSION_READ_SPACING
                 ids = list(itertools.islice(self._wanted, SESSION_READ_BATCH))
                 waiting = {session_id: self._wanted.pop(session_id) for session_id in ids}
                 try:
