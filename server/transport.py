@@ -140,6 +140,11 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             packets.append(pkt)
         return packets
 
+    async def send(self, pkt: Any) -> None:
+        # python-engineio's, without building an info-log line's arguments for every packet.
+        if await self.check_ping_timeout():
+            self.queue.put_nowait(pkt)
+
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         await super().close(wait=wait, abort=abort, reason=reason)
         if self.upgraded:
@@ -160,6 +165,13 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         else:
             self.connected = True
         self.upgraded = True
+        if getattr(self, "batch_writes", False) and not self.queue.empty():
+            # The OPEN packet (and whatever else is queued) leaves with the 101 response.
+            packets = await self.poll()
+            if packets:
+                await ws.asgi_send({"type": SEND_BATCH, "messages": [pkt.encode() for pkt in packets]})
+            else:
+                self.queue.put_nowait(None)  # poll() took the end-of-stream mark: the writer needs it
         writer = asyncio.ensure_future(self._write_forever(ws))
         try:
             await self._read_forever(ws)

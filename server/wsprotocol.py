@@ -7,6 +7,7 @@ connections:
 - An ASGI extension, SEND_BATCH: one message carries several WebSocket messages, framed one by one
   and handed to the socket in one write. A busy client's writer wakes up to several queued
   Engine.IO packets; written one by one, each costs a system call (most of a frame's cost).
+  The 101 response waits for the rest of its loop turn, so the first frames share its write.
 """
 
 from __future__ import annotations
@@ -21,7 +22,23 @@ from websockets.exceptions import InvalidState
 SEND_BATCH = "testpulse.websocket.send_batch"
 
 
+class _HeldWrites:
+    """Stands in for the transport while uvicorn writes the 101 response, and keeps the bytes."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    _held = b""  # the 101 response, until the first frames (or the end of this loop turn) join it
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
@@ -29,14 +46,35 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][SEND_BATCH] = {}
 
     async def send(self, message: Any) -> None:
-        if message["type"] == SEND_BATCH:
+        kind = message["type"]
+        if kind == SEND_BATCH:
             await self._send_batch(message["messages"])
             return
-        await super().send(message)
-        if message["type"] == "websocket.accept" and self.handshake_complete:
+        if kind != "websocket.accept":
+            self._release_held()
+            await super().send(message)
+            return
+        # The 101 response is held for the rest of this loop turn: a server that sends its first
+        # frames at once (Engine.IO's OPEN packet) sends them in the same write.
+        transport, held = self.transport, _HeldWrites(self.transport)
+        self.transport = held  # type: ignore[assignment]  # duck-typed for uvicorn's accept path
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+        if held.data:
+            self._held = held.data
+            self.loop.call_soon(self._release_held)
+        if self.handshake_complete:
             # uvicorn reads them only before the handshake completes.
             del self.request
             del self.response
+
+    def _release_held(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            if not self.transport.is_closing():
+                self.transport.write(data)
 
     async def _send_batch(self, messages: list[str | bytes]) -> None:
         await self.writable.wait()  # the transport's flow control, as for a single message
@@ -52,4 +90,5 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                     self.conn.send_text(data.encode())
         except InvalidState:
             raise ClientDisconnected() from None
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        held, self._held = self._held, b""
+        self.transport.write(b"".join([held, *self.conn.data_to_send()]))

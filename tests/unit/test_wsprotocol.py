@@ -1,5 +1,6 @@
 """LeanWebSocketProtocol under a real uvicorn server on loopback: the SEND_BATCH extension frames
-each message on its own, in order, and the handshake objects are released after accept."""
+each message on its own, in order; the 101 response shares the first frames' write without
+waiting for them; the handshake objects are released after accept."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class Recorder:
     def __init__(self) -> None:
         self.extensions: dict[str, Any] = {}
         self.kept_handshake: bool | None = None
+        self.held_after_accept = b""
+        self.held_after_batch = b""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "websocket"
@@ -30,7 +33,9 @@ class Recorder:
         await send({"type": "websocket.accept"})
         protocol = send.__self__
         self.kept_handshake = hasattr(protocol, "request") or hasattr(protocol, "response")
+        self.held_after_accept = protocol._held
         await send({"type": SEND_BATCH, "messages": ["one", b"\x00two", "three"]})
+        self.held_after_batch = protocol._held
         await send({"type": "websocket.send", "text": "four"})
         while (await receive())["type"] != "websocket.disconnect":
             pass
@@ -67,3 +72,26 @@ async def test_a_batch_arrives_as_separate_messages_in_order_and_the_handshake_i
     assert received == ["one", b"\x00two", "three", "four"]
     assert SEND_BATCH in app.extensions
     assert app.kept_handshake is False
+    # The 101 response waited for the first frames and went out with them in one write.
+    assert app.held_after_accept.startswith(b"HTTP/1.1 101")
+    assert app.held_after_batch == b""
+
+
+async def test_a_held_handshake_is_written_by_the_end_of_the_loop_turn() -> None:
+    go = asyncio.Event()
+
+    class AcceptOnly(Recorder):
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            await go.wait()  # no frame until the client has seen the 101 response
+            await send({"type": "websocket.send", "text": "late"})
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+    async with serving(AcceptOnly()) as url, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(10):  # a 101 held for the first frame would never arrive
+            ws = await http.ws_connect(url)
+        go.set()
+        assert (await ws.receive(timeout=5)).data == "late"
+        await ws.close()
