@@ -7,7 +7,7 @@ ids carry no node tag, so long-polling could not be routed to its node by the pr
 WebSocket opened directly needs no stickiness (the handshake is the connection).
 
 Scenarios (defaults are the issue's sizes):
-  storm     2,000 clients connect (with a token) and join one of 100 sessions, all at once
+  storm     2,000 clients connect (with a token) and join one of 100 sessions, 250 in flight, 3 rounds
   fanout    100 viewers of one session across nodes, 200 detections/s for 10 s
   overload  1,000 viewers, 200 detections/s: deliveries, loss, reordering, the publisher's acks, RSS
   maxrate   1,000 viewers: highest publish rate that is delivered in full, in order, promptly
@@ -381,6 +381,38 @@ async def run_scenario(name: str, system: System, pool: Pool, args: argparse.Nam
     return await routing(system, pool, args)
 
 
+async def one_run(scenario: str, kind: str, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+    log(f"{scenario}: starting a {kind} cluster of {args.nodes} nodes")
+    system = start_system(kind, args)
+    try:
+        outcome = await run_scenario(scenario, system, pool, args)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the next run
+        traceback.print_exc()
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await pool.close_all()
+        system.stop()
+    outcome["system"] = system.describe()
+    return outcome
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The storm round with the median joins/s, with every round's figures attached."""
+    good = sorted((r for r in runs if "error" not in r), key=lambda r: r["joins_per_s"] or 0)
+    if not good:
+        return runs[-1]
+    chosen = dict(good[(len(good) - 1) // 2])
+    chosen["rounds"] = [
+        {
+            "joins_per_s": r.get("joins_per_s"),
+            "p99_ms": r.get("connect_join_ms", {}).get("p99"),
+            "error": r.get("error"),
+        }
+        for r in runs
+    ]
+    return chosen
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k != "run"}
     document: dict[str, Any] = {"benchmark": "cluster", "environment": environment(), "settings": settings}
@@ -389,20 +421,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for scenario in args.scenarios:
             results[scenario] = {}
-            for kind in args.systems:
-                log(f"{scenario}: starting a {kind} cluster of {args.nodes} nodes")
-                system = start_system(kind, args)
-                try:
-                    outcome = await run_scenario(scenario, system, pool, args)
-                except Exception as exc:  # noqa: BLE001 - report and go on with the next run
-                    traceback.print_exc()
-                    outcome = {"error": f"{type(exc).__name__}: {exc}"}
-                finally:
-                    await pool.close_all()
-                    system.stop()
-                outcome["system"] = system.describe()
-                results[scenario][kind] = outcome
-                log(f"{scenario}/{kind}: {short(scenario, outcome)}")
+            rounds = max(1, args.storm_rounds) if scenario == "storm" else 1
+            outcomes: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.systems}
+            # Systems take turns round by round, so a change in the machine's load hits both alike.
+            for _ in range(rounds):
+                for kind in args.systems:
+                    outcome = await one_run(scenario, kind, pool, args)
+                    outcomes[kind].append(outcome)
+                    log(f"{scenario}/{kind}: {short(scenario, outcome)}")
+            for kind, runs in outcomes.items():
+                results[scenario][kind] = median_run(runs) if len(runs) > 1 else runs[0]
     finally:
         pool.shutdown()
     document["results"] = results
@@ -455,18 +483,26 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
         for kind, r in res["storm"].items():
             if ok(r):
                 lat = r["connect_join_ms"]
+                each = " ".join(f"{x['joins_per_s']}" for x in r.get("rounds", []) if x["joins_per_s"])
                 rows.append(
                     [
                         *(kind, f"{r['joined']}/{r['clients']}", r["joins_per_s"], lat["p50"], lat["p99"], lat["max"]),
-                        *(r["failures"] or "-", r["clients_per_node"], r["loadavg_1m"], _cpu(r)),
+                        *(r["failures"] or "-", r["clients_per_node"], each or "-", _cpu(r)),
                     ]
                 )
             else:
                 rows.append([kind, r["error"], *[""] * 8])
-        out += ["", f"storm: {args.storm_clients} clients connect and join one of {args.storm_sessions} sessions"]
+        out += [
+            "",
+            f"storm: {args.storm_clients} clients connect and join one of {args.storm_sessions} sessions, "
+            f"{args.storm_concurrency} in flight; median of {max(1, args.storm_rounds)} rounds (systems alternate)",
+        ]
         out.append(
             table(
-                ["system", "joined", "joins/s", "p50 ms", "p99 ms", "max ms", "failures", "per node", "load1", "cpu%"],
+                [
+                    *("system", "joined", "joins/s", "p50 ms", "p99 ms", "max ms", "failures", "per node"),
+                    *("rounds joins/s", "cpu%"),
+                ],
                 rows,
             )
         )
@@ -676,7 +712,16 @@ def register(commands: Any) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="longest wait for deliveries after publishing")
     p.add_argument("--storm-clients", type=int, default=2000)
     p.add_argument("--storm-sessions", type=int, default=100)
-    p.add_argument("--storm-concurrency", type=int, default=2000, help="connects in flight (all at once by default)")
+    p.add_argument(
+        "--storm-concurrency",
+        type=int,
+        default=250,
+        help="connects in flight (the issue's reference storm, ~770 joins/s at p99 ~425 ms, implies ~250 by "
+        "Little's law); 2000 starts every client at once",
+    )
+    p.add_argument(
+        "--storm-rounds", type=int, default=3, help="storm runs per system (alternating); the median is shown"
+    )
     p.add_argument("--fanout-viewers", type=int, default=100)
     p.add_argument("--fanout-rate", type=float, default=200.0)
     p.add_argument("--overload-viewers", type=int, default=1000)
