@@ -48,6 +48,9 @@ class PacketQueue:
     def empty(self) -> bool:
         return not self._items
 
+    def consumer_waiting(self) -> bool:
+        return self._getter is not None and not self._getter.done()
+
     def put_nowait(self, item: Any) -> None:
         if self._items is None:
             self._items = deque()
@@ -117,6 +120,11 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if self.upgraded:
                 first = await self.queue.get()  # a WebSocket writer waits as long as it takes
             else:
+                if self.queue.consumer_waiting():
+                    # A second long-poll while one is pending: Engine.IO allows one at a time, and
+                    # like the protocol's reference server we end the session (400 for this GET,
+                    # CLOSE for the pending one) instead of failing the request with a 500.
+                    raise engineio.exceptions.QueueEmpty()
                 try:
                     # A long-poll GET is answered empty-handed (closing the socket) when nothing
                     # comes within a PING cycle, as python-engineio does.

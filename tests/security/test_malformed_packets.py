@@ -270,3 +270,25 @@ async def test_malformed_polling_body_never_disturbs_the_node_or_other_clients(
         unknown = await http.post("/socket.io/", params={**params, "sid": "no-such-sid"}, content=b"42[]")
         assert unknown.status_code == 400
     await assert_others_unharmed(secure_node, watched)
+
+
+async def test_concurrent_long_polls_on_one_session_are_answered_without_a_server_error(
+    secure_node: NodeUnderTest, watched: tuple[Client, Client, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=secure_node.url, timeout=60) as http:
+        opened = await http.get("/socket.io/", params={"EIO": 4, "transport": "polling"})
+        sid = json.loads(opened.text[1:])["sid"]
+        params = {"EIO": 4, "transport": "polling", "sid": sid}
+        token = json.dumps({"token": secure_node.token("admin")})
+        assert (await http.post("/socket.io/", params=params, content="40" + token)).status_code == 200
+        assert (await http.get("/socket.io/", params=params)).text.startswith("40")  # CONNECT (+ status)
+        # Two GETs held at once: one waits for packets, the other must get an answer, not a 500.
+        first = asyncio.create_task(http.get("/socket.io/", params=params))
+        await asyncio.sleep(0.2)
+        second = await http.get("/socket.io/", params=params)
+        assert second.status_code in (200, 400), (second.status_code, second.text)
+        # A packet for the session releases the waiting one.
+        await http.post("/socket.io/", params=params, content='42["no_such_event"]')
+        answered = await asyncio.wait_for(first, 30)
+        assert answered.status_code in (200, 400), (answered.status_code, answered.text)
+    await assert_others_unharmed(secure_node, watched)

@@ -32,11 +32,13 @@ async def test_an_idle_queue_holds_no_buffer() -> None:
 
 async def test_a_waiting_get_wakes_on_put() -> None:
     queue = PacketQueue()
+    assert not queue.consumer_waiting()
     getter = asyncio.create_task(queue.get())
     await asyncio.sleep(0)
-    assert not getter.done()
+    assert not getter.done() and queue.consumer_waiting()
     queue.put_nowait("x")
     assert await asyncio.wait_for(getter, 1) == "x"
+    assert not queue.consumer_waiting()
 
 
 async def test_a_cancelled_get_leaves_the_queue_usable() -> None:
