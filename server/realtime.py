@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextvars
 import logging
 import time
@@ -37,6 +38,7 @@ _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", d
 
 
 EXPIRY_CHECK_SECONDS = 1.0
+MALFORMED_PACKET_ERRORS = (ValueError, TypeError, IndexError, KeyError, binascii.Error)
 
 # Handler names python-socketio uses itself; a client event by these names is an unknown event.
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "*"})
@@ -66,6 +68,22 @@ class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
             sid_tag = tag
 
         return Tagged
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except MALFORMED_PACKET_ERRORS as exc:
+            # python-socketio raises these on a Socket.IO packet it cannot parse (bad JSON, no
+            # event name, unknown type, bad base64): the client's garbage, not a server fault.
+            # The connection ends, with one log line (python-engineio would log a traceback per
+            # packet and keep reading, so one client could fill the logs).
+            log.warning(
+                "%s: closing after a malformed Socket.IO packet (%s: %s)", eio_sid, type(exc).__name__, str(exc)[:120]
+            )
+            socket = self.eio.sockets.get(eio_sid)
+            if socket is not None:
+                # Without waiting for the queue: a long-polling client may never come to take it.
+                await socket.close(wait=False, reason=self.eio.reason.TRANSPORT_ERROR)
 
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None

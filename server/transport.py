@@ -16,6 +16,7 @@ The wire protocol is unchanged (Engine.IO v4), long-polling included.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -24,6 +25,8 @@ import engineio
 from engineio import packet
 
 from server.wsprotocol import SEND_BATCH
+
+log = logging.getLogger("testpulse.transport")
 
 POLL_PACKETS_MAX = 16  # python-engineio clients drop a long-polling payload of more packets
 WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
@@ -148,6 +151,17 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             packets.append(pkt)
         return packets
 
+    async def handle_post_request(self, environ: dict[str, Any]) -> None:
+        try:
+            await super().handle_post_request(environ)
+        except ValueError as exc:  # includes UnicodeDecodeError and binascii.Error
+            # A long-polling body that is not an Engine.IO payload ends the session (the next GET
+            # gets CLOSE), in one log line; python-engineio would log a traceback and go on.
+            log.warning(
+                "%s: closing after a malformed polling payload (%s: %s)", self.sid, type(exc).__name__, str(exc)[:120]
+            )
+            await self.close(wait=False, reason=self.server.reason.TRANSPORT_ERROR)
+
     async def send(self, pkt: Any) -> None:
         # python-engineio's, without building an info-log line's arguments for every packet.
         if await self.check_ping_timeout():
@@ -224,8 +238,14 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 continue
             except engineio.exceptions.SocketIsClosedError:
                 return
-            except Exception:  # a bad packet must not end the reader
-                self.server.logger.exception("%s: packet handling failed", self.sid)
+            except Exception as exc:  # noqa: BLE001 - Engine.IO or Socket.IO could not parse the packet
+                # Handlers run in tasks of their own (and report their own failures), so what
+                # surfaces here is a packet the protocol layers could not make sense of: the
+                # client's fault. End its connection, in one log line (no traceback to flood logs).
+                log.warning(
+                    "%s: closing after a malformed packet (%s: %s)", self.sid, type(exc).__name__, str(exc)[:120]
+                )
+                return
 
     async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
         extensions = environ.get("asgi.scope", {}).get("extensions") or {}

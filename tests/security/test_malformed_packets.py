@@ -147,22 +147,39 @@ BINARY_FRAMES = {
 }
 
 
+def log_mark(node: NodeUnderTest) -> int:
+    return node.node.log_path.stat().st_size
+
+
+def tracebacks_since(node: NodeUnderTest, mark: int) -> list[str]:
+    """Traceback headers the node logged after `mark`: client garbage must cost one line, not a
+    traceback (a client sending junk in a loop would otherwise fill the disk)."""
+    with node.node.log_path.open("rb") as log:
+        log.seek(mark)
+        text = log.read().decode(errors="replace")
+    return [line for line in text.splitlines() if line.startswith("Traceback")]
+
+
 @pytest.mark.parametrize("frame", list(TEXT_FRAMES.values()), ids=list(TEXT_FRAMES))
 async def test_malformed_text_frame_never_disturbs_the_node_or_other_clients(
     secure_node: NodeUnderTest, raw: RawSocket, watched: tuple[Client, Client, str], frame: str
 ) -> None:
+    mark = log_mark(secure_node)
     await raw.ws.send_str(frame)
     await raw.still_answers()  # either the sender is still served, or it was cut off; both are fine
     await assert_others_unharmed(secure_node, watched)
+    assert tracebacks_since(secure_node, mark) == []
 
 
 @pytest.mark.parametrize("frame", list(BINARY_FRAMES.values()), ids=list(BINARY_FRAMES))
 async def test_binary_junk_never_disturbs_the_node_or_other_clients(
     secure_node: NodeUnderTest, raw: RawSocket, watched: tuple[Client, Client, str], frame: bytes
 ) -> None:
+    mark = log_mark(secure_node)
     await raw.ws.send_bytes(frame)
     await raw.still_answers()
     await assert_others_unharmed(secure_node, watched)
+    assert tracebacks_since(secure_node, mark) == []
 
 
 async def test_a_burst_of_every_malformed_frame_on_one_connection_never_disturbs_others(
@@ -258,6 +275,7 @@ POLLING_BODIES = {
 async def test_malformed_polling_body_never_disturbs_the_node_or_other_clients(
     secure_node: NodeUnderTest, watched: tuple[Client, Client, str], body: bytes
 ) -> None:
+    mark = log_mark(secure_node)
     async with httpx.AsyncClient(base_url=secure_node.url, timeout=10) as http:
         opened = await http.get("/socket.io/", params={"EIO": 4, "transport": "polling"})
         assert opened.status_code == 200
@@ -270,6 +288,7 @@ async def test_malformed_polling_body_never_disturbs_the_node_or_other_clients(
         unknown = await http.post("/socket.io/", params={**params, "sid": "no-such-sid"}, content=b"42[]")
         assert unknown.status_code == 400
     await assert_others_unharmed(secure_node, watched)
+    assert tracebacks_since(secure_node, mark) == []
 
 
 async def test_concurrent_long_polls_on_one_session_are_answered_without_a_server_error(
