@@ -79,6 +79,7 @@ def render_nginx_conf(
     lines = [
         "    upstream testpulse_nodes {",
         "        least_conn;",
+        "        zone testpulse_nodes 64k;",
         servers.rstrip("\n"),
         "        keepalive 64;",
         "    }",

@@ -26,3 +26,10 @@ def test_rendering_routes_each_node_tag_to_its_own_upstream_only() -> None:
     assert '"~^node7\\."     testpulse_node7;' in rendered
     assert "server 127.0.0.1:9007;" in rendered
     assert "server 127.0.0.1:8101" not in rendered and "testpulse_node3" not in rendered
+
+
+def test_the_handshake_upstream_shares_its_state_between_nginx_workers() -> None:
+    rendered = render_nginx_conf(NGINX_CONF.read_text(), [NodeSpec("node1", 9001), NodeSpec("node2", 9002)], port=9000)
+    shared = rendered[rendered.index("upstream testpulse_nodes {") :]
+    shared = shared[: shared.index("}")]
+    assert "least_conn;" in shared and "zone testpulse_nodes" in shared
