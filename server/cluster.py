@@ -299,14 +299,7 @@ class Cluster:
         """Drain one node (SIGTERM), wait for it to exit, start it again on the same port and id.
         Doing this node by node is a rolling restart: nginx sends handshakes to the others meanwhile."""
         spec = next(s for s in self.specs if s.node_id == node_id)
-        proc = self.processes[node_id]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.processes[node_id], grace)
         self._start_node(spec)
         wait_http_ok(f"{spec.url}/ready", time.monotonic() + timeout, self.processes[node_id])
 
@@ -329,6 +322,18 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL if the process outlives `grace` seconds."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(args: argparse.Namespace) -> int:

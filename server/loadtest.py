@@ -9,7 +9,6 @@ one fails; this command passes that exit code on, so `testpulse loadtest ... && 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from server.cluster import REPO_ROOT, Cluster, ClusterError, free_port
+from server.cluster import REPO_ROOT, Cluster, ClusterError, free_port, terminate
 
 LOCUSTFILES = REPO_ROOT / "loadtests" / "locust"
 SCENARIOS = ("storm", "fanout", "reconnect", "steady")
@@ -205,21 +204,10 @@ def run_locust(args: argparse.Namespace, argv: list[str], results: Path, sampler
             return_code = procs[0].returncode
     finally:
         for proc in procs:
-            _stop(proc, grace=15.0 if proc is procs[0] else 5.0)
+            terminate(proc, grace=15.0 if proc is procs[0] else 5.0)
         for log in logs:
             log.close()
     return return_code
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run(args: argparse.Namespace) -> int:

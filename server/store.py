@@ -185,8 +185,7 @@ class Database:
             self._writer = self._sqlite_engine(sync_url, immediate=True)
             self._reader = self._sqlite_engine(sync_url, immediate=False, pool_size=SQLITE_READERS)
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
-            self._read_threads = ThreadPoolExecutor(SQLITE_READERS, thread_name_prefix="testpulse-sqlite-read")
-            self._raw_readers = SqliteReaders(make_url(sync_url).database or "", timeout, SQLITE_READERS)
+            self._read_threads = SqliteReaders(make_url(sync_url).database or "", timeout, SQLITE_READERS)
         else:
             self._engine = create_async_engine(
                 url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=timeout
@@ -223,13 +222,26 @@ class Database:
         if self._engine is not None:
             async with self._guard(), self._engine.begin() as conn:
                 return await conn.run_sync(work)
-        return await self._in_thread(self._write_thread, self._writer, work)
+
+        def transaction() -> T:
+            with self._writer.begin() as conn:
+                return work(conn)
+
+        async with self._guard():
+            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         if self._engine is not None:
             async with self._guard(), self._engine.connect() as conn:
                 return await conn.run_sync(work)
-        return await self._in_thread(self._read_threads, self._reader, work)
+
+        def transaction(_raw: sqlite3.Connection) -> T:
+            with self._reader.begin() as conn:
+                return work(conn)
+
+        async with self._guard():
+            return await self._read_threads.run(transaction)
 
     async def read_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """SQLite only: run `work` on a reader thread's own sqlite3 connection in autocommit mode,
@@ -237,16 +249,7 @@ class Database:
         checkout, BEGIN and COMMIT that cost ten times a point query, and the executor's futures."""
         assert self.is_sqlite, "read_sqlite needs a SQLite database"
         async with self._guard():
-            return await self._raw_readers.run(work)
-
-    async def _in_thread(self, pool: ThreadPoolExecutor, engine: Engine, work: Callable[[Connection], T]) -> T:
-        def transaction() -> T:
-            with engine.begin() as conn:
-                return work(conn)
-
-        async with self._guard():
-            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
-            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(pool, transaction))
+            return await self._read_threads.run(work)
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -286,14 +289,14 @@ class Database:
             await self._engine.dispose()
             return
         self._write_thread.shutdown(wait=True)
-        self._read_threads.shutdown(wait=True)
-        self._raw_readers.close()
+        self._read_threads.close()
         self._writer.dispose()
         self._reader.dispose()
 
 
 class SqliteReaders:
-    """Threads that each hold one sqlite3 connection and run read functions from one queue.
+    """Threads that each hold one sqlite3 connection and run read functions from one queue (a
+    function that reads through SQLAlchemy ignores the connection it is given).
 
     A job's result comes back through one call_soon_threadsafe: about half the CPU of
     run_in_executor, whose concurrent and asyncio futures are chained for every call. A caller

@@ -116,7 +116,7 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     upgrading: bool
     closed: bool
     closing: bool
-    batch_writes: bool  # the server takes SEND_BATCH (several WebSocket messages in one write)
+    batch_writes = False  # the server takes SEND_BATCH (several WebSocket messages in one write)
 
     async def poll(self) -> list[Any]:
         if self.queue.empty():
@@ -187,11 +187,11 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         else:
             self.connected = True
         self.upgraded = True
-        if getattr(self, "batch_writes", False) and not self.queue.empty():
+        if self.batch_writes and not self.queue.empty():
             # The OPEN packet (and whatever else is queued) leaves with the 101 response.
             packets = await self.poll()
             if packets:
-                await ws.asgi_send({"type": SEND_BATCH, "messages": [pkt.encode() for pkt in packets]})
+                await self._write(ws, packets)
             else:
                 self.queue.put_nowait(None)  # poll() took the end-of-stream mark: the writer needs it
         writer = asyncio.ensure_future(self._write_forever(ws))
@@ -252,19 +252,21 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         self.batch_writes = SEND_BATCH in extensions
         return await super()._upgrade_websocket(environ)
 
+    async def _write(self, ws: Any, packets: list[Any]) -> None:
+        if self.batch_writes:
+            # Everything queued goes out in one write (server/wsprotocol.py).
+            await ws.asgi_send({"type": SEND_BATCH, "messages": [pkt.encode() for pkt in packets]})
+        else:
+            for pkt in packets:
+                await ws.send(pkt.encode())
+
     async def _write_forever(self, ws: Any) -> None:
-        batch_writes = getattr(self, "batch_writes", False)
         try:
             while True:
                 packets = await self.poll()
                 if not packets:
                     break
-                if batch_writes and len(packets) > 1:
-                    # Everything queued goes out in one write (server/wsprotocol.py).
-                    await ws.asgi_send({"type": SEND_BATCH, "messages": [pkt.encode() for pkt in packets]})
-                else:
-                    for pkt in packets:
-                        await ws.send(pkt.encode())
+                await self._write(ws, packets)
                 if self.closed:
                     # Closed by the server (disconnect, PING timeout): the CLOSE packet has gone
                     # out; closing the WebSocket ends the reader too, even if the peer stays mute.
@@ -288,9 +290,6 @@ class Pinger:
         self._due.append((time.monotonic() + delay, sid))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="testpulse-engineio-pinger")
-
-    def pending(self) -> int:
-        return len(self._due)
 
     async def _run(self) -> None:
         due = self._due

@@ -4,7 +4,8 @@ injection (never part of server/): it proves that the load tests' loss check and
     python tests/loadtests/lossy_node.py serve --host 127.0.0.1 --port 8101
 
 It is `testpulse serve` with its ASGI app wrapped: frames leave the node as Engine.IO text
-messages, and a Socket.IO event frame starts with `42["<event>"`.
+messages (one per `websocket.send`, or several per SEND_BATCH), and a Socket.IO event frame starts
+with `42["<event>"`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if str(ROOT) not in sys.path:
 import server.app  # noqa: E402
 from server import cli  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from server.wsprotocol import SEND_BATCH  # noqa: E402
 
 DROP_EVERY = 10
 DETECTION_FRAME = '42["detection_event"'
@@ -32,13 +34,18 @@ def lossy(app: Any, every: int = DROP_EVERY) -> Any:
             return
         seen = 0
 
-        async def send_most(message: dict[str, Any]) -> None:
+        def keep(text: Any) -> bool:
             nonlocal seen
-            text = message.get("text") if message.get("type") == "websocket.send" else None
             if isinstance(text, str) and text.startswith(DETECTION_FRAME):
                 seen += 1
-                if seen % every == 0:
-                    return
+                return seen % every != 0
+            return True
+
+        async def send_most(message: dict[str, Any]) -> None:
+            if message.get("type") == "websocket.send" and not keep(message.get("text")):
+                return
+            if message.get("type") == SEND_BATCH:
+                message = {**message, "messages": [m for m in message["messages"] if keep(m)]}
             await send(message)
 
         await app(scope, receive, send_most)
