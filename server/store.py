@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
 from server.protocol import DetectionIn, ErrorCode, ProtocolError
-from server.sessions import ACTIONS, Session, Status, StoredDetection, utcnow
+from server.sessions import ACTIONS, Session, Status, StoredDetection, iso, utcnow
 
 log = logging.getLogger("testpulse.store")
 
@@ -485,6 +485,20 @@ class SqlStore:
                 "at": _aware(r.at),
             }
             for r in rows
+        ]
+
+    async def transitions(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's status changes, oldest first, as `test_session_update` payloads."""
+        return [
+            {
+                "session_id": session_id,
+                "status": row["to_status"],
+                "previous_status": row["from_status"],
+                "updated_at": iso(row["at"]),
+                "actor": row["actor"],
+            }
+            for row in await self.audit(session_id)
+            if row["from_status"] is not None
         ]
 
     # ---- EventLog ----------------------------------------------------------------------------
