@@ -270,8 +270,9 @@ class Realtime:
             # Its backlog is what overflowed; the client replays it on rejoin. Without it the
             # error reaches the client now, not after thousands of packets it is not taking.
             socket.queue.discard()
-        await self.sio.emit("error", reason.error_event(), to=sid)
-        metrics.EVENTS_EMITTED.labels("error").inc()
+        # Queued straight on the socket, with no suspension before the close below: a long-poll
+        # that is held now must leave with the error and the CLOSE packet together.
+        self.feeds.send(sid, "error", reason.error_event())
         if reason.sends_disconnect_packet:
             await self.sio.disconnect(sid)
         if socket is not None:

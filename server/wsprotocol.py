@@ -12,6 +12,9 @@ connections:
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -56,7 +59,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         if kind == ABORT:
             # Not behind `writable`: flow control is exactly what a peer that does not read holds shut.
-            self.transport.abort()
+            self._abort()
             return
         if kind != "websocket.accept":
             self._release_held()
@@ -77,6 +80,15 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             # uvicorn reads them only before the handshake completes.
             del self.request
             del self.response
+
+    def _abort(self) -> None:
+        # A plain close would leave the kernel sending what the peer never takes (an orphaned
+        # socket in FIN-WAIT-1, with its buffers, for minutes); a zero linger time resets it now.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _release_held(self) -> None:
         if self._held:
