@@ -39,12 +39,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
+from server import schema
 from server.protocol import DetectionIn, ErrorCode, ProtocolError
 from server.sessions import ACTIONS, Session, Status, StoredDetection, first_occurrences, utcnow
 
 log = logging.getLogger("testpulse.store")
 
-SCHEMA_VERSION = 1
 SESSION_READ_BATCH = 500  # ids per shared session read (well under SQLite's bound-parameter limit)
 SESSION_READ_SPACING = 0.01  # seconds between the starts of shared session reads, under load
 SQLITE_READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
@@ -112,7 +112,6 @@ audit_t = AuditRow.__table__  # type: ignore[attr-defined]
 # Built once: SQLAlchemy memoizes a statement's cache key on the object, so a join storm's reads
 # skip building and keying a new SELECT each time (most of their cost on the event loop).
 SESSIONS_BY_ID = select(sessions_t).where(sessions_t.c.id.in_(bindparam("ids", expanding=True)))
-schema_t = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 
 
 def _aware(moment: datetime) -> datetime:
@@ -272,23 +271,36 @@ class Database:
             log.warning("database error: %s", exc)
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry") from None
 
-    async def create_schema(self) -> None:
-        """Create missing tables; safe when several nodes start at once."""
+    async def migrate(self, *, automatic: bool) -> schema.SchemaState:
+        """At node start: make sure the schema is this build's (see schema.ensure_current), in one
+        transaction; safe when several nodes start at once. Without the store timeout: a
+        migration of a large table may take a while, and stopping it halfway helps nobody."""
+        try:
+            return await self.run_ddl(lambda conn: schema.ensure_current(conn, migrate=automatic))
+        except schema.SchemaError as exc:
+            log.error("refusing to start: %s", exc)
+            raise
 
-        def create(conn: Connection) -> None:
+    async def upgrade(self) -> schema.SchemaState:
+        """`testpulse migrate`: bring the schema to head."""
+        return await self.run_ddl(schema.upgrade)
+
+    async def run_ddl(self, work: Callable[[Connection], T]) -> T:
+        def locked(conn: Connection) -> T:
             if not self.is_sqlite:
-                # Serialises concurrent node starts; SQLite's BEGIN IMMEDIATE already does.
+                # Serialises concurrent node starts and migrations; SQLite's BEGIN IMMEDIATE already does.
                 conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-            SQLModel.metadata.create_all(conn)
-            current = conn.execute(select(func.max(schema_t.c.version))).scalar()
-            if current is None:
-                conn.execute(schema_t.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
-            elif current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema is version {current}, newer than this build ({SCHEMA_VERSION}); upgrade testpulse"
-                )
+            return work(conn)
 
-        await self.write(create)
+        if self._engine is not None:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(locked)
+
+        def transaction() -> T:
+            with self._writer.begin() as conn:
+                return locked(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(text("SELECT 1")).scalar())
