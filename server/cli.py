@@ -69,7 +69,8 @@ class DrainingServer:
 
     async def _drain_then_exit(self) -> None:
         try:
-            await asyncio.wait_for(self.node.drain(), self.node.settings.shutdown_timeout_seconds)
+            # drain() keeps to the grace itself; this bound only guards against a step that hangs.
+            await asyncio.wait_for(self.node.drain(), self.node.settings.shutdown_timeout_seconds + 2.0)
         except Exception:
             logging.getLogger("testpulse").exception("drain failed")
         self.server.should_exit = True

@@ -190,11 +190,21 @@ class EventLog(Protocol):
     async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]: ...
 
 
+class StatusHistory(Protocol):
+    """Every status change of a session, as committed (the audit trail).
+
+    transitions() lists them oldest first as `test_session_update` payloads; a change is listed
+    once its status change has committed, on every node."""
+
+    async def transitions(self, session_id: str) -> list[dict[str, Any]]: ...
+
+
 class Broadcast(Protocol):
     """Delivers domain events to every member of a session's room on every node.
 
     detections() is called in seq order per session from one node; receivers reorder across nodes
     and fill gaps from the EventLog, so a lost call delays delivery but never loses a detection.
+    Likewise a lost session_changed() is made good from the StatusHistory.
     """
 
     async def session_changed(self, transition: Transition) -> None: ...

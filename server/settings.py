@@ -97,6 +97,10 @@ class Settings:
     ping_interval_seconds: float = field(default=25.0, metadata={"doc": "Engine.IO ping interval"})
     ping_timeout_seconds: float = field(default=20.0, metadata={"doc": "Engine.IO ping timeout"})
     shutdown_timeout_seconds: float = field(default=10.0, metadata={"doc": "longest graceful shutdown"})
+    write_timeout_seconds: float = field(
+        default=30.0,
+        metadata={"doc": "a WebSocket whose peer takes nothing for this long is aborted (it stopped reading)"},
+    )
     node_id: str = field(
         default_factory=_default_node_id,
         metadata={"doc": "this node's name in `connection_status` and metrics (default host-pid)"},
@@ -169,6 +173,7 @@ class Settings:
             "database_pool_size",
             "database_timeout_seconds",
             "shutdown_timeout_seconds",
+            "write_timeout_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:

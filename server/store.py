@@ -41,7 +41,7 @@ from sqlmodel import Field, SQLModel
 
 from server import schema
 from server.protocol import DetectionIn, ErrorCode, ProtocolError
-from server.sessions import ACTIONS, Session, Status, StoredDetection, first_occurrences, utcnow
+from server.sessions import ACTIONS, Session, Status, StoredDetection, first_occurrences, iso, utcnow
 
 log = logging.getLogger("testpulse.store")
 
@@ -506,6 +506,20 @@ class SqlStore:
                 "at": _aware(r.at),
             }
             for r in rows
+        ]
+
+    async def transitions(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's status changes, oldest first, as `test_session_update` payloads."""
+        return [
+            {
+                "session_id": session_id,
+                "status": row["to_status"],
+                "previous_status": row["from_status"],
+                "updated_at": iso(row["at"]),
+                "actor": row["actor"],
+            }
+            for row in await self.audit(session_id)
+            if row["from_status"] is not None
         ]
 
     # ---- EventLog ----------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from websockets.exceptions import InvalidState
 
 # Advertised in scope["extensions"]; the message is {"type": SEND_BATCH, "messages": [str | bytes, ...]}.
 SEND_BATCH = "testpulse.websocket.send_batch"
+# {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
+# stopped reading: a close frame would wait behind everything it has not taken, for ever.
+ABORT = "testpulse.websocket.abort"
 
 
 class _HeldWrites:
@@ -44,11 +47,16 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][SEND_BATCH] = {}
+            scope["extensions"][ABORT] = {}
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
         if kind == SEND_BATCH:
             await self._send_batch(message["messages"])
+            return
+        if kind == ABORT:
+            # Not behind `writable`: flow control is exactly what a peer that does not read holds shut.
+            self.transport.abort()
             return
         if kind != "websocket.accept":
             self._release_held()
