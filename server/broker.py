@@ -80,8 +80,10 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
     if not isinstance(data, dict):
         return None
     try:
-        seq, label, confidence = data["seq"], data["label"], data["confidence"]
+        seq, label, confidence, item_id = data["seq"], data["label"], data["confidence"], data.get("id")
         if not (isinstance(seq, int) and seq >= 1 and isinstance(label, str) and isinstance(confidence, int | float)):
+            return None
+        if item_id is not None and not isinstance(item_id, str):
             return None
         return StoredDetection(
             session_id=session_id,
@@ -93,6 +95,7 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
             ts=data.get("ts"),
             attributes=data.get("attributes"),
             received_at=datetime.fromisoformat(str(data["received_at"]).replace("Z", "+00:00")),
+            id=item_id,
         )
     except (KeyError, ValueError, TypeError):
         return None

@@ -139,7 +139,9 @@ class Feeds:
         number replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
         if last_seq is not None and last_seq > session.last_seq:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq}"
+                ErrorCode.INSUFFICIENT_STATE,
+                f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq};"
+                " discard what you hold and rejoin with last_seq 0",
             )
         joined = self._memberships.get(sid)
         if joined is None:

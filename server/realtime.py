@@ -28,7 +28,7 @@ from server.protocol import (
     StopRequest,
 )
 from server.ratelimit import KeyedLimiter, TokenBucket
-from server.sessions import Hub, Verb, iso, utcnow
+from server.sessions import Hub, Verb, batch_ack, iso, publish_ack, utcnow
 from server.settings import Settings
 from server.transport import TaggedEngineServer
 
@@ -401,12 +401,12 @@ class Realtime:
     async def publish_detection(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         conn.principal.require(Action.PUBLISH)
         stored = await self.hub.publish(conn.principal, PublishRequest.parse_one(payload))
-        return {"seq": stored[0].seq}
+        return publish_ack(stored)
 
     async def publish_detections(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         conn.principal.require(Action.PUBLISH)
         stored = await self.hub.publish(conn.principal, PublishRequest.parse_batch(payload))
-        return {"first_seq": stored[0].seq, "last_seq": stored[-1].seq}
+        return batch_ack(stored)
 
 
 def _reason_label(reason: Any) -> str:

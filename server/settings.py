@@ -42,6 +42,14 @@ class Settings:
         default="sqlite+aiosqlite:///./testpulse.db",
         metadata={"doc": "SQLAlchemy async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`"},
     )
+    migrate_on_start: str = field(
+        default="auto",
+        metadata={
+            "doc": "`auto`, `true` or `false`: whether a node migrates an older database schema at start"
+            " (`auto`: in development only; `testpulse cluster` sets `true`). An empty database is always"
+            " set up; otherwise run `testpulse migrate`"
+        },
+    )
     database_pool_size: int = field(default=10, metadata={"doc": "connections per node (PostgreSQL)"})
     database_timeout_seconds: float = field(
         default=5.0, metadata={"doc": "longest wait for one database operation before `unavailable`"}
@@ -110,6 +118,10 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    @property
+    def migrates_on_start(self) -> bool:
+        return self.migrate_on_start == "true" or (self.migrate_on_start == "auto" and not self.production)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read TESTPULSE_* variables; explicit overrides (from CLI flags) win. Validates everything."""
@@ -128,6 +140,8 @@ class Settings:
         def fail(name: str, why: str) -> None:
             raise SettingsError(f"{env_name(name)}: {why}")
 
+        if self.migrate_on_start not in ("auto", "true", "false"):
+            fail("migrate_on_start", f"must be 'auto', 'true' or 'false', got {self.migrate_on_start!r}")
         if self.env not in ("development", "production"):
             fail("env", f"must be 'development' or 'production', got {self.env!r}")
         if not self.jwt_algorithms:
@@ -224,4 +238,7 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str, str], Any]:
     return _text
 
 
-_PARSERS: dict[str, Callable[[str, str], Any]] = {"env": lambda name, raw: raw.lower()}
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "env": lambda name, raw: raw.lower(),
+    "migrate_on_start": lambda name, raw: raw.lower(),
+}
