@@ -6,9 +6,11 @@ apart between handlers.
 
 The DISCONNECT packet is what decides a client's behaviour: socket.io-client (and python-socketio)
 treat it as "the server does not want you" and never reconnect by themselves. So a reason whose
-advice is `auto` ends only the Engine.IO transport, and the client's own reconnection brings it
-back (through the proxy, to a node that has room); `refresh` and `no` send the DISCONNECT, so a
-client does not retry a dead token or a refused session in a loop.
+advice is `auto` ends only the Engine.IO transport, and without Engine.IO's CLOSE packet either
+(python-engineio's client treats that one as final too): the WebSocket is closed, a long-poll gets
+the error and then a 400, and the client's own reconnection brings it back (through the proxy, to
+a node that has room). `refresh` and `no` send the DISCONNECT, so a client does not retry a dead
+token or a refused session in a loop.
 """
 
 from __future__ import annotations

@@ -278,7 +278,12 @@ class Realtime:
         if socket is not None:
             # python-socketio's disconnect only leaves the namespace: a client that ignored that
             # would keep its connection, and its slot on this node, for as long as it answers PINGs.
-            await socket.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
+            # For `auto` not even Engine.IO's CLOSE packet: python-engineio's client takes it as a
+            # close it asked for and does not reconnect; a transport that just ends (the WebSocket
+            # closed, the next long-poll answered 400) every client library reconnects from.
+            await socket.close(
+                wait=False, abort=not reason.sends_disconnect_packet, reason=self.sio.eio.reason.SERVER_DISCONNECT
+            )
         return socket
 
     async def disconnect_all(self, reason: DisconnectReason) -> list[Any]:

@@ -333,12 +333,13 @@ class Join:
 
 
 class Viewer:
-    """A viewer that stays in one session across failures.
+    """A viewer that stays in one session across failures, as a real client does.
 
-    Each connection is a fresh python-socketio AsyncClient (no built-in reconnection, which gives up
-    after a server-side disconnect such as a drain). Whenever it is not connected it connects again
-    to `url` (the proxy, normally), and on every connection it joins with last_seq = the last seq
-    it saw (0 at first: everything). By the contract it then sees every seq once, in order.
+    One python-socketio AsyncClient with its own reconnection (no reconnect logic here): after a
+    drain, a node kill or a slow-consumer drop the server closes only the transport (PROTOCOL.md
+    1.1), and the client comes back by itself through `url` (the proxy, normally). On every
+    `connect` it joins with last_seq = the last seq it saw (0 at first: everything). By the
+    contract it then sees every seq once, in order.
     """
 
     def __init__(
@@ -361,14 +362,15 @@ class Viewer:
         self.labels: dict[int, str] = {}
         self.updates: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
-        self.nodes: list[str] = []  # the node of each connection, in order
+        self.nodes: list[str] = []  # the node of each joined connection, in order
         self.joins: list[Join] = []
         self.disconnects: list[tuple[float, Any]] = []
-        self.failures: list[str] = []  # failed connects and joins
+        self.failures: list[str] = []  # failed joins
         self._changed = asyncio.Event()
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._sio: socketio.AsyncClient | None = None
+        self._connection = 0  # counts `connect` events: a join belongs to one connection
+        self._node_now: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sio = self._client()
 
     @property
     def last_seq(self) -> int:
@@ -381,36 +383,45 @@ class Viewer:
 
     @property
     def connected(self) -> bool:
-        return self._sio is not None and bool(self._sio.connected)
+        return bool(self._sio.connected)
 
     async def start(self, *, deadline: float = 20.0) -> Viewer:
         """Connect and join; returns once the first join is acknowledged."""
-        self._task = asyncio.create_task(self._supervise(), name=f"viewer {self.name}")
+        await self._sio.connect(
+            self.url, auth={"token": self.token}, transports=TRANSPORTS[self.transport], wait_timeout=5, retry=True
+        )
         await self.wait_for(lambda: self.joins, deadline=deadline, what="first join")
         return self
 
     async def close(self) -> None:
-        self._closing = True
-        self._changed.set()
-        sio = self._sio
-        if sio is not None:
-            with contextlib.suppress(Exception):
-                await sio.disconnect()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if sio is not None:
-            with contextlib.suppress(Exception):
-                await sio.shutdown()
+        with contextlib.suppress(Exception):
+            await self._sio.disconnect()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._sio.shutdown()
 
-    # ---- the connection loop -----------------------------------------------------------------
+    # ---- the client --------------------------------------------------------------------------
 
-    def _client(self, gone: asyncio.Event, node: list[str]) -> socketio.AsyncClient:
-        sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
+    def _client(self) -> socketio.AsyncClient:
+        sio = socketio.AsyncClient(
+            reconnection=True,
+            reconnection_delay=self.retry_delay,
+            reconnection_delay_max=1.0,
+            handle_sigint=False,
+        )
+
+        def on_connect() -> None:
+            self._connection += 1
+            self._node_now = None
+            # Not awaited here: python-socketio reads the join's ack on the task running this handler.
+            task = asyncio.create_task(self._join(self._connection), name=f"join {self.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         def on_status(data: Any) -> None:
-            node.append(str(data.get("node")))
+            self._node_now = str(data.get("node"))
             self._changed.set()
 
         def on_detection(data: Any) -> None:
@@ -430,9 +441,9 @@ class Viewer:
 
         def on_disconnect(reason: Any = None) -> None:
             self.disconnects.append((time.monotonic(), reason))
-            gone.set()
             self._changed.set()
 
+        sio.on("connect", on_connect)
         sio.on("connection_status", on_status)
         sio.on("detection_event", on_detection)
         sio.on("test_session_update", on_update)
@@ -440,55 +451,29 @@ class Viewer:
         sio.on("disconnect", on_disconnect)
         return sio
 
-    async def _supervise(self) -> None:
-        delay = self.retry_delay
-        while not self._closing:
-            gone = asyncio.Event()
-            node: list[str] = []
-            sio = self._client(gone, node)
-            try:
-                await sio.connect(
-                    self.url, auth={"token": self.token}, transports=TRANSPORTS[self.transport], wait_timeout=5
-                )
-            except (socketio.exceptions.ConnectionError, ValueError, OSError) as exc:
-                self.failures.append(f"connect: {exc}")
-                with contextlib.suppress(Exception):
-                    await sio.shutdown()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            delay = self.retry_delay
-            self._sio = sio
-            try:
-                if await self._join(sio, gone, node):
-                    await gone.wait()
-            finally:
-                with contextlib.suppress(Exception):
-                    await sio.disconnect()
-                with contextlib.suppress(Exception):
-                    await sio.shutdown()
-
-    async def _join(self, sio: socketio.AsyncClient, gone: asyncio.Event, node: list[str]) -> bool:
-        """Join with last_seq while this connection lasts; False when it ended first."""
-        give_up = time.monotonic() + 10.0
-        while not gone.is_set() and time.monotonic() < give_up:
+    async def _join(self, connection: int) -> None:
+        """Join with last_seq while this connection lasts."""
+        # `namespaces`, not `connected`: python-socketio sets the latter only once connect() returns.
+        while connection == self._connection and "/" in self._sio.namespaces:
             last_seq = self.last_seq
             try:
-                ack = await sio.call("join_session", {"session_id": self.session_id, "last_seq": last_seq}, timeout=5)
+                ack = await self._sio.call(
+                    "join_session", {"session_id": self.session_id, "last_seq": last_seq}, timeout=5
+                )
             except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError) as exc:
                 self.failures.append(f"join: {type(exc).__name__}")
-                await asyncio.sleep(0.05)
                 continue
             if isinstance(ack, dict) and ack.get("ok"):
-                with contextlib.suppress(TimeoutError):
-                    await wait_until(_truthy(lambda: node), deadline=5.0, what="connection_status")
-                self.nodes.append(node[0] if node else "?")
+                with contextlib.suppress(AssertionError):
+                    await self.wait_for(lambda: self._node_now, deadline=5.0, what="connection_status")
+                self.nodes.append(self._node_now or "?")
                 self.joins.append(Join(time.monotonic(), self.nodes[-1], last_seq, int(ack.get("replayed", 0))))
                 self._changed.set()
-                return True
+                return
             self.failures.append(f"join refused: {ack!r}")
-            await asyncio.sleep(0.2)
-        return False
+            # A refused join (the node is draining, the store is away) is retried on this connection.
+            with contextlib.suppress(AssertionError):
+                await self.wait_for(lambda c=connection: c != self._connection, deadline=0.2, what="a new connection")
 
     # ---- waiting -----------------------------------------------------------------------------
 
@@ -507,13 +492,6 @@ class Viewer:
             f"{len(self.seqs)} seqs (last {self.last_seq}), nodes {self.nodes}, joins {len(self.joins)}, "
             f"errors {self.errors[-3:]}, disconnects {len(self.disconnects)}, failures {self.failures[-3:]}"
         )
-
-
-def _truthy(value: Callable[[], Any]) -> Callable[[], Any]:
-    async def probe() -> bool:
-        return bool(value())
-
-    return probe
 
 
 async def watch(
