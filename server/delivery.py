@@ -9,6 +9,9 @@ late pub/sub message delays a detection but never drops or reorders it.
 A joining client replays from the log up to the feed's cursor and is then added to the live set
 with no await in between, so nothing can slip between replay and live delivery.
 
+The ordering decisions (cursor, early buffer, gap fills, replay plan) are server/ordering.py, a
+pure module; this one does the reading, waiting and writing around them.
+
 Extension: a client that joins with `batch_ms` gets `detection_batch` events, one frame carrying
 every detection of a window, instead of a frame per detection: the per-frame cost is what limits
 fan-out, so this is how one node serves many more deliveries per second.
@@ -28,13 +31,13 @@ from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from server import metrics
+from server.ordering import Ordering, check_last_seq
 from server.protocol import ErrorCode, ProtocolError
 from server.sessions import EventLog, Session, StatusHistory, StoredDetection, iso
 from server.status_trail import StatusTrail, Verdict
 
 log = logging.getLogger("testpulse.delivery")
 
-EARLY_MAX = 10_000  # out-of-order detections held per feed before relying on the store alone
 WINDOW_ITEMS_MAX = 500  # a batch window that fills up is flushed early
 IDLE_SWEEP_SECONDS = 5.0  # a feed idle this long checks the store for anything it was not told of
 STORE_READS_MAX = 8  # catch-up reads in flight per node: after a Redis blip every feed wants one
@@ -62,12 +65,10 @@ class Window:
 @dataclass(eq=False)
 class Feed:
     session_id: str
-    cursor: int
+    order: Ordering[StoredDetection]
     trail: StatusTrail
     live: dict[str, Any] = field(default_factory=dict)  # sid -> engine.io socket
-    ahead: dict[str, int] = field(default_factory=dict)  # sid -> seq the client already has
     windows: dict[int, Window] = field(default_factory=dict)  # batch_ms -> window
-    early: dict[int, StoredDetection] = field(default_factory=dict)
     joining: int = 0
     last_delivery: float = field(default_factory=time.monotonic)
     catch_up: asyncio.Task[None] | None = None
@@ -137,12 +138,7 @@ class Feeds:
     async def join(self, sid: str, session: Session, last_seq: int | None, batch_ms: int = 0) -> int:
         """Replay detections after `last_seq` (none when it is None), then go live. Returns the
         number replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
-        if last_seq is not None and last_seq > session.last_seq:
-            raise ProtocolError(
-                ErrorCode.INSUFFICIENT_STATE,
-                f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq};"
-                " discard what you hold and rejoin with last_seq 0",
-            )
+        check_last_seq(last_seq, session.last_seq)
         joined = self._memberships.get(sid)
         if joined is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "client is disconnecting")
@@ -152,21 +148,10 @@ class Feeds:
         feed = self._feed(session)
         feed.joining += 1
         try:
-            cursor = feed.cursor if last_seq is None else last_seq
+            replay = feed.order.replay(last_seq)
             replayed = 0
-            while cursor < feed.cursor:
-                rows = await self._log.since(session.id, cursor, min(self._page, feed.cursor - cursor))
-                page = []
-                for row in rows:
-                    if row.seq == cursor + 1:
-                        page.append(row)
-                        cursor = row.seq
-                if not page:
-                    # The store does not hold what this node has delivered (a lagging replica, a
-                    # restore): going live here would leave the client a gap it never hears of.
-                    raise ProtocolError(
-                        ErrorCode.UNAVAILABLE, f"replay could not read seq {cursor + 1} from the store; retry"
-                    )
+            while (read := replay.next_read(self._page)) is not None:
+                page = replay.take(await self._log.since(session.id, read.after_seq, read.limit))
                 if batch_ms:
                     self._send(socket, "detection_batch", _batch(session.id, page))
                 else:
@@ -181,12 +166,10 @@ class Feeds:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "client disconnected during replay")
             if batch_ms:
                 window = feed.windows.get(batch_ms) or feed.windows.setdefault(batch_ms, Window(batch_ms))
-                # The open window holds detections up to feed.cursor, which this client has.
-                window.floors[sid] = max(cursor, feed.cursor)
+                window.floors[sid] = replay.batch_floor()
                 window.members[sid] = socket
             else:
-                if cursor > feed.cursor:
-                    feed.ahead[sid] = cursor
+                feed.order.joined(sid, replay.position)
                 feed.live[sid] = socket
             self._memberships[sid].add(session.id)
             # Status changes delivered while this client replayed, after the one its ack names.
@@ -209,13 +192,10 @@ class Feeds:
         feed = self._feeds.get(session_id)
         if feed is None:
             return
-        for item in items:
-            if item.seq == feed.cursor + 1:
-                self._deliver(feed, item)
-            elif item.seq > feed.cursor and len(feed.early) < EARLY_MAX:
-                feed.early[item.seq] = item
-        self._drain_early(feed)
-        if feed.early:
+        offered = feed.order.offer(items)
+        for item in offered.deliver:
+            self._deliver(feed, item)
+        if offered.gap:
             self._want_catch_up(feed, delay=self._gap_delay)
 
     def resync(self, session_id: str | None = None) -> None:
@@ -294,27 +274,28 @@ class Feeds:
         feed.catch_up = asyncio.create_task(self._catch_up(feed, delay), name=f"catch-up {feed.session_id}")
 
     async def _catch_up(self, feed: Feed, delay: float) -> None:
+        order = feed.order
         try:
             if delay:
                 await asyncio.sleep(delay)
-                self._drain_early(feed)
-                if not feed.early and not feed.catch_up_wanted:
+                for item in order.release():
+                    self._deliver(feed, item)
+                if not order.gap and not feed.catch_up_wanted:
                     return
             while True:
                 feed.catch_up_wanted = False
                 async with self._reads:
-                    rows = await self._log.since(feed.session_id, feed.cursor, self._page)
-                filled = 0
-                for row in rows:
-                    if row.seq == feed.cursor + 1:
-                        self._deliver(feed, row)
-                        filled += 1
-                metrics.GAP_FILLS.inc(filled)
-                self._drain_early(feed)
+                    # Read from the cursor as it is once the read may start: it moves while we queue.
+                    read = order.gap_read(self._page)
+                    rows = await self._log.since(feed.session_id, read.after_seq, read.limit)
+                filled = order.fill(rows, read)
+                for item in filled.deliver:
+                    self._deliver(feed, item)
+                metrics.GAP_FILLS.inc(filled.from_store)
                 if self._feeds.get(feed.session_id) is not feed:
                     return
                 feed.retry_delay = RETRY_SECONDS_MIN
-                if len(rows) < self._page and not feed.early and not feed.catch_up_wanted:
+                if not filled.more and not feed.catch_up_wanted:
                     return
         except ProtocolError as exc:
             log.warning("catch-up of session %s failed (%s); retrying", feed.session_id, exc.message)
@@ -333,18 +314,8 @@ class Feeds:
         feed.retry_delay = min(feed.retry_delay * 2, RETRY_SECONDS_MAX)
         feed.catch_up_wanted = True
 
-    def _drain_early(self, feed: Feed) -> None:
-        while feed.early:
-            item = feed.early.pop(feed.cursor + 1, None)
-            if item is None:
-                stale = [seq for seq in feed.early if seq <= feed.cursor]
-                for seq in stale:
-                    del feed.early[seq]
-                return
-            self._deliver(feed, item)
-
     def _deliver(self, feed: Feed, item: StoredDetection) -> None:
-        feed.cursor = item.seq
+        """Send one detection the ordering released (the cursor is already past it)."""
         feed.last_delivery = time.monotonic()
         metrics.DELIVERY_LAG_SECONDS.observe(max(0.0, time.time() - item.received_at.timestamp()))
         for window in feed.windows.values():
@@ -357,15 +328,12 @@ class Feeds:
         if not feed.live:
             return
         pkt = self._packet("detection_event", item.event())
+        holding = feed.order.holding(item.seq)
         sent = 0
         deepest = 0
         for sid, socket in list(feed.live.items()):
-            if feed.ahead:
-                floor = feed.ahead.get(sid)
-                if floor is not None:
-                    if item.seq <= floor:
-                        continue
-                    del feed.ahead[sid]
+            if holding and sid in holding:
+                continue
             if socket.closed:
                 continue
             depth = socket.queue.qsize()
@@ -441,8 +409,8 @@ class Feeds:
         feed = self._feeds.get(session.id)
         if feed is None:
             trail = StatusTrail(session.status.value, iso(session.updated_at))
-            feed = self._feeds[session.id] = Feed(session.id, session.last_seq, trail)
-        elif session.last_seq > feed.cursor:
+            feed = self._feeds[session.id] = Feed(session.id, Ordering(session.last_seq), trail)
+        elif feed.order.lags(session.last_seq):
             # The store is ahead of what reached this node: fetch the difference for everyone.
             self._want_catch_up(feed, delay=0.0)
         return feed
@@ -452,7 +420,7 @@ class Feeds:
         if feed is None:
             return
         feed.live.pop(sid, None)
-        feed.ahead.pop(sid, None)
+        feed.order.forget(sid)
         for window in feed.windows.values():
             window.members.pop(sid, None)
             window.floors.pop(sid, None)
