@@ -259,7 +259,7 @@ def summary(report: Report) -> str:
             f"{v['name']}: connected={v['connected']} active={v['active']} transport={v['transport']} "
             f"node={v['node']} connects={v['connects']} joins={v['joins']} count={v['count']} last={v['last']} "
             f"dup={v['duplicates']} disorder={v['disorder']} statuses={v['statuses'][-6:]} "
-            f"errors={[(e['code'], e['reconnect']) for e in v['errors'][-3:]]} "
+            f"errors={[(e.get('code'), e.get('reconnect')) for e in v['errors'][-3:]]} "
             f"disconnects={[d['reason'] for d in v['disconnects'][-3:]]} "
             f"connect_errors={v['connect_errors'][-2:]} join_failures={v['join_failures'][-3:]}"
         )
