@@ -15,7 +15,7 @@ from support.cluster import NodeInfo, RunningCluster, pid_alive
 from support.jsclients import Report, all_connected, summary, viewer_mix
 from support.processes import wait_until
 
-from .conftest import Scenario, js_clients, start_session
+from .conftest import js_clients, start_session
 
 pytestmark = pytest.mark.interop
 

@@ -1,0 +1,74 @@
+"""A JS viewer that stops reading (its WebSocket's TCP socket paused): the node drops it with
+`slow_consumer` / `reconnect: "auto"`, it comes back by itself once it reads again and ends complete,
+the node's memory stays bounded and the other viewers notice nothing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from support.cluster import RunningCluster
+from support.jsclients import all_connected, summary, viewer_mix
+from support.processes import wait_until
+
+from .conftest import js_clients, start_session
+
+pytestmark = pytest.mark.interop
+
+QUEUE_MAX = 100
+PAD_BYTES = 8000  # big detections fill the kernel's socket buffers in seconds, not minutes
+
+
+@pytest.fixture
+def cluster_env() -> dict[str, str]:
+    return {"TESTPULSE_CLIENT_QUEUE_MAX": str(QUEUE_MAX)}
+
+
+async def slow_consumer_drops(url: str) -> float:
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    match = re.search(r"^testpulse_slow_consumer_disconnects_total ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert match
+    return int(match.group(1)) * 1024
+
+
+async def test_a_js_viewer_that_stops_reading_is_dropped_and_comes_back_complete(
+    cluster: RunningCluster, tmp_path: Path
+) -> None:
+    scenario = await start_session(cluster, "interop slow consumer")
+    viewers = viewer_mix(6, ("websocket",))
+    async with js_clients(scenario, tmp_path, viewers=viewers, publish_rate=50, pad_bytes=PAD_BYTES) as js:
+        report = await js.wait_for(all_connected, deadline=30, what="every JS client connected")
+        slow = report["viewers"][0]
+        node = cluster.node(slow["node"])
+        drops_before = await slow_consumer_drops(node.url)
+        rss_before = rss_bytes(node.pid)
+        await js.pause_reading(slow["name"])
+
+        async def dropped() -> bool:
+            return await slow_consumer_drops(node.url) > drops_before
+
+        await wait_until(dropped, deadline=60, what=f"{node.id} to drop the viewer that stopped reading")
+        rss_growth = rss_bytes(node.pid) - rss_before
+        await js.resume_reading(slow["name"])
+
+        def back(r):  # type: ignore[no-untyped-def]
+            v = r["viewers"][0]
+            return all_connected(r) and v["connects"] > 1
+
+        await js.wait_for(back, deadline=30, what=f"{slow['name']} back by itself")
+        report, _ = await scenario.settle(js)
+    slow = report["viewers"][0]
+    assert [(e.get("code"), e.get("reconnect")) for e in slow["errors"]] == [("slow_consumer", "auto")], summary(report)
+    assert all(d["reason"] != "io server disconnect" for d in slow["disconnects"]), slow["disconnects"]
+    for other in report["viewers"][1:]:
+        assert other["connects"] == 1 and not other["errors"], f"{other['name']} was disturbed\n{summary(report)}"
+    assert rss_growth < 64 * 1024 * 1024, f"{node.id} grew {rss_growth / 2**20:.0f} MiB while one viewer stalled"
