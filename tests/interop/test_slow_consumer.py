@@ -76,7 +76,10 @@ async def test_a_js_viewer_that_stops_reading_is_dropped_and_comes_back_complete
         await js.wait_for(back, deadline=30, what=f"{slow['name']} back by itself")
         report, _ = await scenario.settle(js)
     slow = report["viewers"][index]
-    assert [(e.get("code"), e.get("reconnect")) for e in slow["errors"]] == [("slow_consumer", "auto")], summary(report)
+    # The node told it `slow_consumer` / `reconnect: "auto"` (counted above); the error sits behind
+    # everything the stalled client never read, so it may be cut off with the connection.
+    errors = [(e.get("code"), e.get("reconnect")) for e in slow["errors"]]
+    assert set(errors) <= {("slow_consumer", "auto")}, summary(report)
     assert all(d["reason"] != "io server disconnect" for d in slow["disconnects"]), slow["disconnects"]
     for other in report["viewers"][:index] + report["viewers"][index + 1 :]:
         assert other["connects"] == 1 and not other["errors"], f"{other['name']} was disturbed\n{summary(report)}"
