@@ -486,3 +486,109 @@ async def run_redis(port: int | None = None, *, workdir: Path | None = None) -> 
         finally:
             if own_dir:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL that a test may stop and start again on the same port and data directory
+    (a database outage), unlike `throwaway_postgres`, which only yields a URL."""
+
+    port: int
+    workdir: Path
+    process: Process | None = None
+    starts: int = 0
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@{HOST}:{self.port}/{database}"
+
+    async def accepts_connections(self) -> bool:
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(host=HOST, port=self.port, user="postgres", database="postgres", timeout=2)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    async def start(self, ready_timeout: float = 30.0) -> None:
+        assert not self.running, "postgres is already running"
+        self.starts += 1
+        self.process = await spawn(
+            "postgres",
+            [
+                postgres_bindir() / "postgres",
+                "-D",
+                self.data,
+                "-p",
+                str(self.port),
+                "-k",
+                self.workdir,
+                "-c",
+                f"listen_addresses={HOST}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+            ],
+            log_path=self.workdir / "postgres.log",
+            user="postgres" if os.geteuid() == 0 else None,
+            stop_signal=signal.SIGINT,  # what `pg_ctl stop -m fast` sends: roll back, disconnect everyone
+        )
+        try:
+            await until_ready(self.process, self.accepts_connections, deadline=ready_timeout)
+        except ProcessFailed:
+            await self.process.stop(10.0)
+            raise
+
+    async def stop(self, deadline: float = 20.0) -> None:
+        """A fast shutdown, proven complete (process group gone, port closed)."""
+        if self.process is not None:
+            await self.process.stop(deadline)
+        assert not port_is_open(self.port), f"port {self.port} still accepts connections after postgres stopped"
+
+    async def create_database(self, name: str) -> str:
+        """A fresh database on this server; its SQLAlchemy URL."""
+        import asyncpg
+
+        conn = await asyncpg.connect(host=HOST, port=self.port, user="postgres", database="postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return self.url(name)
+
+
+@asynccontextmanager
+async def run_postgres() -> AsyncIterator[PostgresServer]:
+    """A PostgreSQL on a free port in a temp dir (initdb'd as `postgres` when we are root); stopped,
+    proven gone and deleted on exit."""
+    bindir = postgres_bindir()
+    workdir = Path(tempfile.mkdtemp(prefix="tp-pgserver-"))
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            shutil.chown(workdir, "postgres", "postgres")
+        runuser = ["runuser", "-u", "postgres", "--"] if as_root else []
+        initdb = [bindir / "initdb", "-D", workdir / "data", "-U", "postgres", "--auth=trust", "--no-sync"]
+        await run_once([*runuser, *initdb, "--encoding=UTF8", "--locale=C"], log_path=workdir / "initdb.log")
+        server = PostgresServer(free_port(), workdir)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
