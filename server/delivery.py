@@ -86,6 +86,17 @@ class Feed:
     def sockets(self) -> list[Any]:
         return [*self.live.values(), *(s for w in self.windows.values() for s in w.members.values())]
 
+    def members(self) -> list[tuple[str, Any]]:
+        """(sid, engine.io socket) of every member, live or batched."""
+        return [*self.live.items(), *(m for w in self.windows.values() for m in w.members.items())]
+
+    def evict(self, sid: str) -> bool:
+        """Remove a member from the live set and every window; False when it was not one."""
+        found = self.live.pop(sid, None) is not None
+        for window in self.windows.values():
+            found = window.members.pop(sid, None) is not None or found
+        return found
+
     def member_count(self) -> int:
         return len(self.live) + sum(len(w.members) for w in self.windows.values())
 
@@ -356,9 +367,18 @@ class Feeds:
         feed = self._feeds.get(session_id)
         if feed is None or feed.room.is_set():
             return
+        taken = {sid: socket.queue.taken for sid, socket in feed.members()}
         try:
             await asyncio.wait_for(feed.room.wait(), patience)
         except TimeoutError:
+            # A member that took nothing at all while the publisher waited has stopped reading; it
+            # would hold the room shut, and every publisher of the session with it, for as long as
+            # its connection lasts. It goes as a slow consumer (it replays on rejoin); members that
+            # are merely behind keep their place, and the publisher is asked to slow down.
+            for sid, socket in feed.members():
+                stalled = socket.queue.qsize() >= self._high_water and socket.queue.taken == taken.get(sid)
+                if stalled and not socket.closed and feed.evict(sid):
+                    self._on_slow(sid)
             metrics.RATE_LIMITED.labels("backpressure").inc()
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED, "viewers of this session are behind; slow down and retry"

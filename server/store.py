@@ -196,7 +196,15 @@ class Database:
             self._read_threads = SqliteReaders(make_url(sync_url).database or "", timeout, SQLITE_READERS)
         else:
             self._engine = create_async_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=timeout
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                pool_timeout=timeout,
+                # A node frozen inside a transaction (SIGSTOP, a partition, a stalled VM) would hold
+                # its session rows' locks, and so every other node's commits to those sessions, until
+                # it wakes. PostgreSQL ends such a session after twice the store timeout instead.
+                connect_args={"server_settings": {"idle_in_transaction_session_timeout": str(int(timeout * 2000))}},
             )
 
     def _sqlite_engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:

@@ -39,9 +39,10 @@ class PacketQueue:
     """The subset of asyncio.Queue that Engine.IO sockets and the delivery feeds use, for one
     consumer at a time (a socket's writer, or its one pending long-poll)."""
 
-    __slots__ = ("_getter", "_idle", "_items", "_unfinished")
+    __slots__ = ("_getter", "_idle", "_items", "_unfinished", "taken")
 
     def __init__(self) -> None:
+        self.taken = 0  # packets handed to the consumer so far: tells a stalled reader from a slow one
         self._items: deque[Any] | None = None
         self._getter: asyncio.Future[None] | None = None
         self._unfinished = 0
@@ -74,6 +75,7 @@ class PacketQueue:
         if not self._items:
             raise asyncio.QueueEmpty
         item = self._items.popleft()
+        self.taken += 1
         if not self._items:
             self._items = None
         return item

@@ -235,3 +235,46 @@ def _masked_text(text: str) -> bytes:
     else:
         header += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
     return header + b"\0\0\0\0" + payload
+
+
+async def test_a_viewer_that_stops_reading_does_not_hold_back_the_sessions_publishers(logs_dir: Path) -> None:
+    """Backpressure holds a publisher while its node's viewers are far behind. A viewer that has
+    stopped reading altogether must not hold it for as long as its connection lasts: it is dropped
+    as a slow consumer once a publisher has waited its patience, and publishing goes on."""
+    env = {
+        "TESTPULSE_NODE_ID": "stalled-viewer",
+        "TESTPULSE_CLIENT_QUEUE_MAX": "400",
+        "TESTPULSE_WRITE_TIMEOUT_SECONDS": "300",  # the write deadline is not what frees it here
+        "TESTPULSE_RATE_LIMIT_PER_SECOND": "5000",
+        "TESTPULSE_RATE_LIMIT_BURST": "5000",
+    }
+    async with node_with("sqlite", env, logs_dir) as node:
+        operator = socketio.AsyncClient(reconnection=False)
+        await operator.connect(node.url, auth={"token": node.token("admin")}, transports=["websocket"])
+        try:
+            started = await operator.call("start_test_session", {"name": "stalled-viewer"}, timeout=10)
+            session_id = started["session"]["id"]
+            stuck = await _stuck_websocket(node, session_id)
+            bulky = {"blob": "x" * 15_000}
+            acked, refused = 0, []
+            give_up = time.monotonic() + 60
+            while acked < 3000:
+                assert time.monotonic() < give_up, f"{acked} acked; refusals {refused[-3:]} ({len(refused)})"
+                batch = [detection(acked + j, attributes=bulky) for j in range(25)]
+                ack = await operator.call("publish_detections", {"session_id": session_id, "detections": batch})
+                if ack["ok"]:
+                    acked += 25
+                else:
+                    refused.append(ack["error"]["code"])
+            # One publish waits out its patience and is refused; the stalled viewer goes with it.
+            # (Before, every publish of the session waited 2 s and was refused, over and over.)
+            assert set(refused) <= {"rate_limited"} and len(refused) <= 3, refused
+            async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as resp:
+                text = await resp.text()
+            dropped = [
+                line for line in text.splitlines() if line.startswith("testpulse_slow_consumer_disconnects_total")
+            ]
+            assert dropped and float(dropped[0].rpartition(" ")[2]) >= 1, dropped
+            stuck.close()
+        finally:
+            await operator.disconnect()
