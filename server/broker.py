@@ -26,8 +26,7 @@ import json
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +35,7 @@ from redis import asyncio as aioredis
 
 from server import metrics
 from server.delivery import Feeds, session_room
+from server.outbox import Message, Outbox
 from server.sessions import StoredDetection, Transition
 
 log = logging.getLogger("testpulse.broker")
@@ -93,6 +93,19 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
         return None
 
 
+class RedisPublisher:
+    """The outbox's Publisher over Redis: one pipeline (no transaction) per batch."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for channel, payload in messages:
+            pipe.publish(channel, payload)
+        await pipe.execute()
+
+
 class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = "testpulse-redis"
 
@@ -114,13 +127,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._backoff_max = backoff_max
-        self._outbox_max = outbox_max
         self._connect_timeout = connect_timeout
         self._probe_channel = f"{prefix}:probe:{self.host_id}"
-        self._outbox: deque[tuple[str, bytes]] = deque()
-        self._outbox_ready = asyncio.Event()
-        self._outbox_empty = asyncio.Event()
-        self._outbox_overflowed = False
         self._wanted: set[str] = set()  # room channels this node's clients need
         self._subscribed: set[str] = set()  # channels Redis confirmed on the current connection
         self._requested: set[str] = set()  # asked for on the current connection, not yet confirmed
@@ -134,6 +142,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
         self.on_resubscribed: Callable[[], None] = lambda: None
         self.redis = self._client()
+        self._outbox = Outbox(
+            RedisPublisher(self.redis),
+            capacity=outbox_max,
+            timeout=connect_timeout,
+            backoff_max=backoff_max,
+            after_overflow=self._announce_resync,
+        )
 
     def _client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(
@@ -152,16 +167,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         socketio.AsyncManager.initialize(self)
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="testpulse-redis-listener"),
-            asyncio.create_task(self._publish_forever(), name="testpulse-redis-publisher"),
+            asyncio.create_task(self._outbox.publish_forever(), name="testpulse-redis-publisher"),
             asyncio.create_task(self._probe_forever(), name="testpulse-redis-probe"),
         ]
 
     async def flush(self, grace_seconds: float) -> bool:
         """Wait until the outbox is empty (used when draining); False if it could not empty in time."""
-        if self._outbox:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_empty.wait(), grace_seconds)
-        return not self._outbox
+        return await self._outbox.flush(grace_seconds)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -268,13 +280,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._enqueue(channel, data)
 
     def _enqueue(self, channel: str, message: dict[str, Any]) -> None:
-        if len(self._outbox) >= self._outbox_max:
-            self._outbox.popleft()
-            self._outbox_overflowed = True
-            metrics.REDIS_PUBLISH_FAILURES.inc()
-        self._outbox.append((channel, self._sign(message)))
-        self._outbox_empty.clear()
-        self._outbox_ready.set()
+        self._outbox.put(channel, self._sign(message))
+
+    def _announce_resync(self) -> None:
+        # Some messages were dropped while Redis was away: have every node re-read the store.
+        self._enqueue(self.channel, {"method": "resync", "host_id": self.host_id})
 
     def _sign(self, message: dict[str, Any]) -> bytes:
         body = json.dumps(message, separators=(",", ":")).encode()
@@ -292,39 +302,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         except ValueError:
             return None
         return message if isinstance(message, dict) and isinstance(message.get("method"), str) else None
-
-    async def _publish_forever(self) -> None:
-        backoff = 0.05
-        while True:
-            if not self._outbox:
-                self._outbox_ready.clear()
-                await self._outbox_ready.wait()
-                continue
-            batch = [self._outbox[i] for i in range(min(len(self._outbox), 512))]
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    pipe = self.redis.pipeline(transaction=False)
-                    for channel, payload in batch:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: keep the messages, retry
-                metrics.REDIS_PUBLISH_FAILURES.inc(len(batch))
-                log.warning("publishing %d messages failed (%s); retrying", len(batch), exc)
-                await asyncio.sleep(backoff * (1 + random.random()))
-                backoff = min(backoff * 2, self._backoff_max)
-                continue
-            backoff = 0.05
-            metrics.REDIS_PUBLISHED.inc(len(batch))
-            for _ in batch:
-                self._outbox.popleft()
-            if not self._outbox:
-                self._outbox_empty.set()
-            if self._outbox_overflowed:
-                # Some messages were dropped while Redis was away: have every node re-read the store.
-                self._outbox_overflowed = False
-                self._enqueue(self.channel, {"method": "resync", "host_id": self.host_id})
 
     # ---- listening ---------------------------------------------------------------------------
 
