@@ -35,7 +35,7 @@ from redis import asyncio as aioredis
 
 from server import metrics
 from server.delivery import Feeds, session_room
-from server.outbox import Message, Outbox
+from server.outbox import Message, Outbox, Publisher, RepeatFilter
 from server.sessions import StoredDetection, Transition
 
 log = logging.getLogger("testpulse.broker")
@@ -46,6 +46,7 @@ BACKPRESSURE_PATIENCE_SECONDS = 2.0  # a publisher held longer than this is told
 SIGNATURE_BYTES = 16
 LISTEN_SLICE_BUSY = 0.01  # seconds per pub/sub read while subscriptions are pending
 LISTEN_SLICE_IDLE = 0.05  # otherwise; also the longest a first join into a new room waits to subscribe
+SENDER_KEY, NUMBER_KEY = "from", "n"  # on every outbox message: who sent it, and its number there
 
 
 class NodeBroadcast:
@@ -120,6 +121,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         backoff_max: float = 2.0,
         outbox_max: int = 100_000,
         connect_timeout: float = 2.0,
+        publisher: Publisher | None = None,
     ) -> None:
         super().__init__(url=url, channel=f"{prefix}:control")
         self._key = key
@@ -142,8 +144,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
         self.on_resubscribed: Callable[[], None] = lambda: None
         self.redis = self._client()
+        self._sent = 0  # the number of this node's last outbox message
+        self._repeats = RepeatFilter()
         self._outbox = Outbox(
-            RedisPublisher(self.redis),
+            publisher or RedisPublisher(self.redis),
             capacity=outbox_max,
             timeout=connect_timeout,
             backoff_max=backoff_max,
@@ -280,7 +284,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._enqueue(channel, data)
 
     def _enqueue(self, channel: str, message: dict[str, Any]) -> None:
-        self._outbox.put(channel, self._sign(message))
+        # "host_id" is not the sender for every method (a callback names its destination), so the
+        # sender and its message number travel under their own keys, for the receivers' RepeatFilter.
+        self._sent += 1
+        self._outbox.put(channel, self._sign({**message, SENDER_KEY: self.host_id, NUMBER_KEY: self._sent}))
 
     def _announce_resync(self) -> None:
         # Some messages were dropped while Redis was away: have every node re-read the store.
@@ -409,6 +416,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._last_probe = time.monotonic()
         if method == "probe":
             return
+        if self._is_repeat(message):
+            metrics.REDIS_MESSAGES_RECEIVED.labels("repeat").inc()
+            return
         if message.get("host_id") == self.host_id and method != "callback":
             return
         metrics.REDIS_MESSAGES_RECEIVED.labels(method if method in _KNOWN_METHODS else "other").inc()
@@ -431,6 +441,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self._handle_close_room(message)
         except Exception:
             log.exception("handling a %s message failed", method)
+
+    def _is_repeat(self, message: dict[str, Any]) -> bool:
+        sender, number = message.get(SENDER_KEY), message.get(NUMBER_KEY)
+        if not isinstance(sender, str) or not isinstance(number, int):
+            return False  # a node from before message numbers: nothing to compare with
+        return self._repeats.is_repeat(sender, number)
 
     def _on_detections(self, message: dict[str, Any]) -> None:
         session_id, items = message.get("session_id"), message.get("items")

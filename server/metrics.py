@@ -103,6 +103,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         "close_room",
         "other",
         "rejected",
+        "repeat",
     ):
         REDIS_MESSAGES_RECEIVED.labels(kind)
 

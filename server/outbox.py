@@ -1,4 +1,5 @@
-"""The outbox: cross-node messages wait here, bounded and in order, until a publisher takes them."""
+"""The outbox: cross-node messages wait here, bounded and in order, until a publisher takes them;
+and the receivers' filter that turns its at-least-once into once."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from server import metrics
@@ -27,11 +29,23 @@ class Publisher(Protocol):
     async def publish_many(self, messages: Sequence[Message]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    number: int  # position in put() order; what a finished batch is removed by
+    message: Message
+
+
 class Outbox:
     """Publishing never blocks a handler: put() queues, and publish_forever() sends batches of up
     to `batch_max` in order, retrying with jittered backoff while the publisher fails or hangs
     (each attempt bounded by `timeout`). Beyond `capacity` waiting messages the oldest is dropped,
-    and after the next successful publish `after_overflow` runs (the cluster announces a resync)."""
+    and after the next successful publish `after_overflow` runs (the cluster announces a resync).
+
+    One batch is in flight at a time, and the next is taken only once the publisher has returned
+    for the previous one; a failed batch is sent again from its first message still queued. So
+    messages leave in put() order, and a repeat only ever repeats messages sent before it.
+    A finished batch is removed by entry number, not by count: an overflow while it was in flight
+    has already dropped its oldest entries, and counting would remove messages never sent."""
 
     def __init__(
         self,
@@ -51,7 +65,8 @@ class Outbox:
         self._batch_max = batch_max
         self._backoff_initial = backoff_initial
         self.after_overflow = after_overflow
-        self._queue: deque[Message] = deque()
+        self._queue: deque[_Entry] = deque()
+        self._numbers = 0
         self._ready = asyncio.Event()
         self._empty = asyncio.Event()
         self._overflowed = False
@@ -64,7 +79,8 @@ class Outbox:
             self._queue.popleft()
             self._overflowed = True
             metrics.REDIS_PUBLISH_FAILURES.inc()
-        self._queue.append((channel, payload))
+        self._numbers += 1
+        self._queue.append(_Entry(self._numbers, (channel, payload)))
         self._empty.clear()
         self._ready.set()
 
@@ -85,7 +101,7 @@ class Outbox:
             batch = [self._queue[i] for i in range(min(len(self._queue), self._batch_max))]
             try:
                 async with asyncio.timeout(self._timeout):
-                    await self._publisher.publish_many(batch)
+                    await self._publisher.publish_many([entry.message for entry in batch])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: keep the messages, retry
@@ -96,7 +112,8 @@ class Outbox:
                 continue
             backoff = self._backoff_initial
             metrics.REDIS_PUBLISHED.inc(len(batch))
-            for _ in batch:
+            last_sent = batch[-1].number
+            while self._queue and self._queue[0].number <= last_sent:
                 self._queue.popleft()
             if not self._queue:
                 self._empty.set()
@@ -104,3 +121,32 @@ class Outbox:
                 # Some messages were dropped while Redis was away: have every node re-read the store.
                 self._overflowed = False
                 self.after_overflow()
+
+
+class RepeatFilter:
+    """Receiving side: tells a message already handled from its sender, so that a batch the outbox
+    sent again after a timeout or a failed pipeline (Redis may have taken it the first time) is
+    handled once. Detections would survive repeats (feeds drop seqs they have), but status
+    updates, room changes and callbacks would not.
+
+    Each message carries its sender (a host id, new for every process) and a number that sender
+    assigns in put() order. Because the outbox sends in that order and only repeats what it sent
+    before (see Outbox), a receiver sees each sender's numbers rise except for repeats, which is
+    what a per-sender high-water mark drops. A receiver subscribed to some channels only sees a
+    subsequence: still rising. Memory is one integer per sender, for the `senders_max` most
+    recently heard (past that, the longest silent sender, likely a process that has exited, is
+    forgotten)."""
+
+    def __init__(self, senders_max: int = 1024) -> None:
+        self._senders_max = senders_max
+        self._last: OrderedDict[str, int] = OrderedDict()
+
+    def is_repeat(self, sender: str, number: int) -> bool:
+        last = self._last.get(sender)
+        if last is not None and number <= last:
+            return True
+        self._last[sender] = number
+        self._last.move_to_end(sender)
+        if len(self._last) > self._senders_max:
+            self._last.popitem(last=False)
+        return False
