@@ -13,7 +13,7 @@ from typing import Any
 import socketio
 from starlette.applications import Starlette
 
-from server import __version__, gctune, metrics
+from server import __version__, disconnects, gctune, metrics
 from server.auth import TokenVerifier
 from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
@@ -57,9 +57,11 @@ class Node:
             logger=False,
             engineio_logger=False,
         )
+        self.sio.eio.write_timeout = settings.write_timeout_seconds
         self.feeds = Feeds(
             self.sio,
             self.log,
+            self.store,
             page_size=settings.replay_page_size,
             client_queue_max=settings.client_queue_max,
             gap_fill_delay=settings.gap_fill_delay_seconds,
@@ -74,13 +76,15 @@ class Node:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
         metrics.NODE_DRAINING.set(0)
         metrics.initialize_series([*self.realtime.handlers(), "unknown"], [code.value for code in ErrorCode])
-        await self.db.create_schema()
+        schema_state = await self.db.migrate(automatic=self.settings.migrates_on_start)
+        log.info("database schema at revision %s", schema_state.revision)
         self.log.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")
         self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
         self._expirer = asyncio.create_task(self.realtime.expire_forever(), name="testpulse-token-expiry")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
+            self.cluster.on_status = self.feeds.session_changed
             self.cluster.on_resubscribed = self.feeds.resync
             # Subscribe now, not at the first client connection as python-socketio would.
             self.sio.manager_initialized = True
@@ -89,15 +93,33 @@ class Node:
         log.info("node %s ready (database %s)", self.settings.node_id, self.db.url.split("://")[0])
 
     async def drain(self) -> None:
-        """Refuse new handshakes, send clients elsewhere, commit what is queued."""
+        """Refuse new handshakes, send clients elsewhere, commit what is queued, flush the outbox.
+
+        Every step has a share of the grace and none can starve the next: the queued appends and
+        the outbox are always given their turn before the process exits."""
         if self.draining:
             return
         self.draining = True
         metrics.NODE_DRAINING.set(1)
-        await self.realtime.disconnect_all("server_draining", "this node is shutting down; reconnect")
-        await self.log.close(self.settings.shutdown_timeout_seconds)
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_timeout_seconds
+        deadline = loop.time() + grace
+        sockets = await self.realtime.disconnect_all(disconnects.SERVER_DRAINING)
+        # The `error` events and CLOSE packets should leave before the process does, but a client
+        # that does not read (or a long-polling one between polls) must not hold the drain.
+        unsent = await _wait_flushed(sockets, min(DRAIN_FLUSH_SHARE * grace, 2.0))
+        await self.log.close(max(0.1, deadline - loop.time()))
+        outbox_flushed = True
         if self.cluster is not None:
-            await self.cluster.flush(self.settings.shutdown_timeout_seconds)
+            outbox_flushed = await self.cluster.flush(max(0.1, deadline - loop.time()))
+        log.info(
+            "drained in %.2fs: %d clients sent elsewhere (%d with packets still unsent), queued detections "
+            "committed or answered, outbox %s",
+            grace - (deadline - loop.time()),
+            len(sockets),
+            unsent,
+            "flushed" if outbox_flushed else "NOT flushed",
+        )
 
     async def _sample_forever(self) -> None:
         """Gauges that are read, not counted: event-loop lag and room membership every second,
@@ -142,6 +164,22 @@ class Node:
         if self.draining:
             checks["node"] = "draining"
         return checks
+
+
+DRAIN_FLUSH_SHARE = 0.2  # of the shutdown grace, at most 2 s: for the dropped clients' last packets
+
+
+async def _wait_flushed(sockets: list[Any], budget: float) -> int:
+    """Wait (at most `budget`) until the WebSocket writers of `sockets` have taken everything
+    queued; returns how many had not. A long-polling socket's last packets went to the GET it held,
+    if any; with none held there is no one to take them, so it is not waited for."""
+    writers = [asyncio.ensure_future(s.queue.join()) for s in sockets if s.upgraded and not s.queue.empty()]
+    if not writers:
+        return 0
+    _, pending = await asyncio.wait(writers, timeout=budget)
+    for waiter in pending:
+        waiter.cancel()
+    return len(pending)
 
 
 def create_app(settings: Settings) -> Any:

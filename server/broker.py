@@ -39,8 +39,9 @@ from server.outbox import Message, Outbox, Publisher, RepeatFilter
 from server.sessions import StoredDetection, Transition
 
 log = logging.getLogger("testpulse.broker")
+_CHANNELS_WANTED = metrics.REDIS_CHANNELS.labels("wanted")
+_CHANNELS_CONFIRMED = metrics.REDIS_CHANNELS.labels("confirmed")
 
-_UPDATES = metrics.EVENTS_EMITTED.labels("test_session_update")
 ROOM_PREFIX = "session:"
 BACKPRESSURE_PATIENCE_SECONDS = 2.0  # a publisher held longer than this is told rate_limited
 SIGNATURE_BYTES = 16
@@ -59,8 +60,12 @@ class NodeBroadcast:
         self._cluster = cluster
 
     async def session_changed(self, transition: Transition) -> None:
-        await self._sio.emit("test_session_update", transition.update(), room=session_room(transition.session.id))
-        _UPDATES.inc()
+        # Through the feeds, like detections, so that a viewer's node can tell a missed change
+        # from a repeated one and make good what it missed from the store.
+        update = transition.update()
+        self._feeds.session_changed(update)
+        if self._cluster is not None:
+            self._cluster.publish_status(update)
 
     async def admit(self, session_id: str) -> None:
         await self._feeds.wait_for_room(session_id, patience=BACKPRESSURE_PATIENCE_SECONDS)
@@ -76,8 +81,10 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
     if not isinstance(data, dict):
         return None
     try:
-        seq, label, confidence = data["seq"], data["label"], data["confidence"]
+        seq, label, confidence, item_id = data["seq"], data["label"], data["confidence"], data.get("id")
         if not (isinstance(seq, int) and seq >= 1 and isinstance(label, str) and isinstance(confidence, int | float)):
+            return None
+        if item_id is not None and not isinstance(item_id, str):
             return None
         return StoredDetection(
             session_id=session_id,
@@ -89,6 +96,7 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
             ts=data.get("ts"),
             attributes=data.get("attributes"),
             received_at=datetime.fromisoformat(str(data["received_at"]).replace("Z", "+00:00")),
+            id=item_id,
         )
     except (KeyError, ValueError, TypeError):
         return None
@@ -142,6 +150,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
+        self.on_status: Callable[[dict[str, Any]], None] = lambda _u: None
         self.on_resubscribed: Callable[[], None] = lambda: None
         self.redis = self._client()
         self._sent = 0  # the number of this node's last outbox message
@@ -268,6 +277,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return f"{self._prefix}:room:{room}"
 
     # ---- publishing --------------------------------------------------------------------------
+
+    def publish_status(self, update: dict[str, Any]) -> None:
+        session_id = str(update["session_id"])
+        message = {"method": "status", "session_id": session_id, "update": update, "host_id": self.host_id}
+        self._enqueue(self._room_channel(session_room(session_id)), message)
 
     def publish_detections(self, session_id: str, items: list[StoredDetection]) -> None:
         message = {
@@ -425,6 +439,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         try:
             if method == "detections":
                 self._on_detections(message)
+            elif method == "status":
+                update = message.get("update")
+                if isinstance(update, dict) and update.get("session_id") == message.get("session_id"):
+                    self.on_status(update)
             elif method == "resync":
                 self.on_resubscribed()
             elif method == "emit":
@@ -459,6 +477,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         while True:
             await asyncio.sleep(self._probe_interval)
             metrics.REDIS_PROBE_AGE_SECONDS.set(self.probe_age())
+            # A deaf channel, not only a deaf connection: wanted above confirmed for long is a fault.
+            _CHANNELS_WANTED.set(len(self._wanted))
+            _CHANNELS_CONFIRMED.set(len(self._wanted & self._subscribed) if self._link_up else 0)
             if not self._link_up:
                 continue
             try:
@@ -471,7 +492,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
 
 _KNOWN_METHODS = frozenset(
-    {"detections", "resync", "emit", "callback", "disconnect", "enter_room", "leave_room", "close_room"}
+    {"detections", "status", "resync", "emit", "callback", "disconnect", "enter_room", "leave_room", "close_room"}
 )
 
 

@@ -1,4 +1,4 @@
-"""`testpulse serve | token | config | cluster`: maps flags onto Settings, nothing else."""
+"""`testpulse serve | migrate | token | config | cluster`: maps flags onto Settings, nothing else."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class DrainingServer:
 
     async def _drain_then_exit(self) -> None:
         try:
-            await asyncio.wait_for(self.node.drain(), self.node.settings.shutdown_timeout_seconds)
+            # drain() keeps to the grace itself; this bound only guards against a step that hangs.
+            await asyncio.wait_for(self.node.drain(), self.node.settings.shutdown_timeout_seconds + 2.0)
         except Exception:
             logging.getLogger("testpulse").exception("drain failed")
         self.server.should_exit = True
@@ -97,6 +98,33 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"testpulse token: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the database of TESTPULSE_DATABASE_URL to this build's schema (or print the SQL)."""
+    settings = _settings()
+    from server import schema
+
+    if args.sql:
+        print(schema.offline_sql(settings.database_url), end="")
+        return 0
+    try:
+        state = asyncio.run(_upgrade(settings.database_url))
+    except schema.SchemaError as exc:
+        print(f"testpulse migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"testpulse migrate: database schema at revision {state.revision} (this build's newest)")
+    return 0
+
+
+async def _upgrade(url: str) -> Any:
+    from server.store import Database
+
+    db = Database(url)
+    try:
+        return await db.upgrade()
+    finally:
+        await db.close()
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -135,6 +163,12 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--sessions", default=None, help="comma-separated session ids the token is limited to")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
     token.set_defaults(run=cmd_token)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to this build's (run before a roll)")
+    migrate.add_argument(
+        "--sql", action="store_true", help="print the SQL from an empty database instead (offline, no connection)"
+    )
+    migrate.set_defaults(run=cmd_migrate)
 
     config = commands.add_parser("config", help="print the configuration reference")
     config.set_defaults(run=cmd_config)

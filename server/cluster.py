@@ -205,6 +205,8 @@ class Cluster:
         assert self.redis_url is not None and self.database_url is not None
         env = {
             **os.environ,
+            # The local cluster migrates its database for you (production nodes wait for `testpulse migrate`).
+            "TESTPULSE_MIGRATE_ON_START": "true",
             **self.node_env,
             "TESTPULSE_REDIS_URL": self.redis_url,
             "TESTPULSE_DATABASE_URL": self.database_url,

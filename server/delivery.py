@@ -29,15 +29,19 @@ from socketio import packet as sio_packet
 
 from server import metrics
 from server.protocol import ErrorCode, ProtocolError
-from server.sessions import EventLog, Session, StoredDetection
+from server.sessions import EventLog, Session, StatusHistory, StoredDetection, iso
+from server.status_trail import StatusTrail, Verdict
 
 log = logging.getLogger("testpulse.delivery")
 
 EARLY_MAX = 10_000  # out-of-order detections held per feed before relying on the store alone
 WINDOW_ITEMS_MAX = 500  # a batch window that fills up is flushed early
 IDLE_SWEEP_SECONDS = 5.0  # a feed idle this long checks the store for anything it was not told of
+STORE_READS_MAX = 8  # catch-up reads in flight per node: after a Redis blip every feed wants one
+RETRY_SECONDS_MIN, RETRY_SECONDS_MAX = 0.5, 5.0  # a feed's failed catch-up retries with backoff
 _EMITTED = metrics.EVENTS_EMITTED.labels("detection_event")
 _EMITTED_BATCH = metrics.EVENTS_EMITTED.labels("detection_batch")
+_EMITTED_UPDATE = metrics.EVENTS_EMITTED.labels("test_session_update")
 
 
 def session_room(session_id: str) -> str:
@@ -59,6 +63,7 @@ class Window:
 class Feed:
     session_id: str
     cursor: int
+    trail: StatusTrail
     live: dict[str, Any] = field(default_factory=dict)  # sid -> engine.io socket
     ahead: dict[str, int] = field(default_factory=dict)  # sid -> seq the client already has
     windows: dict[int, Window] = field(default_factory=dict)  # batch_ms -> window
@@ -67,6 +72,9 @@ class Feed:
     last_delivery: float = field(default_factory=time.monotonic)
     catch_up: asyncio.Task[None] | None = None
     catch_up_wanted: bool = False
+    retry_delay: float = RETRY_SECONDS_MIN
+    status_check: asyncio.Task[None] | None = None
+    status_check_wanted: bool = False
     # Backpressure: cleared while some member's queue is above the high-water mark.
     room: asyncio.Event = field(default_factory=asyncio.Event)
     room_watch: asyncio.Task[None] | None = None
@@ -86,6 +94,7 @@ class Feeds:
         self,
         sio: socketio.AsyncServer,
         log_: EventLog,
+        history: StatusHistory,
         *,
         page_size: int,
         client_queue_max: int,
@@ -94,6 +103,8 @@ class Feeds:
     ) -> None:
         self._sio = sio
         self._log = log_
+        self._history = history
+        self._reads = asyncio.Semaphore(STORE_READS_MAX)
         self._page = page_size
         self._queue_max = client_queue_max
         self._gap_delay = gap_fill_delay
@@ -128,7 +139,9 @@ class Feeds:
         number replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
         if last_seq is not None and last_seq > session.last_seq:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq}"
+                ErrorCode.INSUFFICIENT_STATE,
+                f"last_seq: {last_seq} is beyond the session's last seq {session.last_seq};"
+                " discard what you hold and rejoin with last_seq 0",
             )
         joined = self._memberships.get(sid)
         if joined is None:
@@ -143,13 +156,17 @@ class Feeds:
             replayed = 0
             while cursor < feed.cursor:
                 rows = await self._log.since(session.id, cursor, min(self._page, feed.cursor - cursor))
-                if not rows:
-                    break
                 page = []
                 for row in rows:
                     if row.seq == cursor + 1:
                         page.append(row)
                         cursor = row.seq
+                if not page:
+                    # The store does not hold what this node has delivered (a lagging replica, a
+                    # restore): going live here would leave the client a gap it never hears of.
+                    raise ProtocolError(
+                        ErrorCode.UNAVAILABLE, f"replay could not read seq {cursor + 1} from the store; retry"
+                    )
                 if batch_ms:
                     self._send(socket, "detection_batch", _batch(session.id, page))
                 else:
@@ -172,6 +189,13 @@ class Feeds:
                     feed.ahead[sid] = cursor
                 feed.live[sid] = socket
             self._memberships[sid].add(session.id)
+            # Status changes delivered while this client replayed, after the one its ack names.
+            missed = feed.trail.since(session.status.value, iso(session.updated_at))
+            if missed is None:
+                self._want_status_check(feed)  # the store and this node disagree: ask the store
+            else:
+                for update in missed:
+                    self._send(socket, "test_session_update", update)
             metrics.REPLAYED.inc(replayed)
             return replayed
         finally:
@@ -200,6 +224,56 @@ class Feeds:
         feeds = self._feeds.values() if session_id is None else filter(None, [self._feeds.get(session_id)])
         for feed in list(feeds):
             self._want_catch_up(feed, delay=0.0)
+            self._want_status_check(feed)
+
+    def session_changed(self, update: dict[str, Any]) -> None:
+        """Hand over a `test_session_update` committed anywhere in the cluster: delivered when it
+        follows what this node delivered last, dropped when delivered already, and otherwise the
+        cue to read what was missed from the store (server/status_trail.py)."""
+        feed = self._feeds.get(str(update.get("session_id")))
+        if feed is None:
+            return
+        verdict = feed.trail.judge(update)
+        if verdict is Verdict.DELIVER:
+            self._deliver_status(feed, update)
+        elif verdict is Verdict.MISSED:
+            self._want_status_check(feed)
+
+    def _deliver_status(self, feed: Feed, update: dict[str, Any]) -> None:
+        feed.trail.delivered(update)
+        pkt = self._packet("test_session_update", update)
+        sent = 0
+        for socket in feed.sockets():
+            if not socket.closed:
+                socket.queue.put_nowait(pkt)
+                sent += 1
+        _EMITTED_UPDATE.inc(sent)
+
+    def _want_status_check(self, feed: Feed) -> None:
+        if feed.status_check is not None:
+            feed.status_check_wanted = True
+            return
+        feed.status_check = asyncio.create_task(self._check_status(feed), name=f"status check {feed.session_id}")
+
+    async def _check_status(self, feed: Feed) -> None:
+        delay = RETRY_SECONDS_MIN
+        try:
+            while self._feeds.get(feed.session_id) is feed:
+                feed.status_check_wanted = False
+                try:
+                    async with self._reads:
+                        transitions = await self._history.transitions(feed.session_id)
+                except ProtocolError as exc:
+                    log.warning("status check of session %s failed (%s); retrying", feed.session_id, exc.message)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_SECONDS_MAX)
+                    continue
+                for update in feed.trail.missed(transitions):
+                    self._deliver_status(feed, update)
+                if not feed.status_check_wanted:
+                    return
+        finally:
+            feed.status_check = None
 
     async def sweep_forever(self, idle_seconds: float = IDLE_SWEEP_SECONDS) -> None:
         """Safety net: a feed that heard nothing for a while reads the store once. A detection whose
@@ -228,7 +302,8 @@ class Feeds:
                     return
             while True:
                 feed.catch_up_wanted = False
-                rows = await self._log.since(feed.session_id, feed.cursor, self._page)
+                async with self._reads:
+                    rows = await self._log.since(feed.session_id, feed.cursor, self._page)
                 filled = 0
                 for row in rows:
                     if row.seq == feed.cursor + 1:
@@ -238,20 +313,25 @@ class Feeds:
                 self._drain_early(feed)
                 if self._feeds.get(feed.session_id) is not feed:
                     return
+                feed.retry_delay = RETRY_SECONDS_MIN
                 if len(rows) < self._page and not feed.early and not feed.catch_up_wanted:
                     return
         except ProtocolError as exc:
             log.warning("catch-up of session %s failed (%s); retrying", feed.session_id, exc.message)
-            await asyncio.sleep(0.5)
-            feed.catch_up_wanted = True
+            await self._back_off(feed)
         except Exception:
             log.exception("catch-up of session %s failed", feed.session_id)
-            await asyncio.sleep(0.5)
-            feed.catch_up_wanted = True
+            await self._back_off(feed)
         finally:
             feed.catch_up = None
             if feed.catch_up_wanted and self._feeds.get(feed.session_id) is feed:
                 self._want_catch_up(feed, delay=0.0)
+
+    @staticmethod
+    async def _back_off(feed: Feed) -> None:
+        await asyncio.sleep(feed.retry_delay)
+        feed.retry_delay = min(feed.retry_delay * 2, RETRY_SECONDS_MAX)
+        feed.catch_up_wanted = True
 
     def _drain_early(self, feed: Feed) -> None:
         while feed.early:
@@ -360,7 +440,8 @@ class Feeds:
     def _feed(self, session: Session) -> Feed:
         feed = self._feeds.get(session.id)
         if feed is None:
-            feed = self._feeds[session.id] = Feed(session.id, session.last_seq)
+            trail = StatusTrail(session.status.value, iso(session.updated_at))
+            feed = self._feeds[session.id] = Feed(session.id, session.last_seq, trail)
         elif session.last_seq > feed.cursor:
             # The store is ahead of what reached this node: fetch the difference for everyone.
             self._want_catch_up(feed, delay=0.0)
@@ -380,8 +461,9 @@ class Feeds:
     def _forget_if_unused(self, feed: Feed) -> None:
         if feed.member_count() == 0 and feed.joining == 0 and self._feeds.get(feed.session_id) is feed:
             del self._feeds[feed.session_id]
-            if feed.catch_up is not None:
-                feed.catch_up.cancel()
+            for task in (feed.catch_up, feed.status_check):
+                if task is not None:
+                    task.cancel()
             for window in feed.windows.values():
                 if window.timer is not None:
                     window.timer.cancel()

@@ -29,7 +29,7 @@ from server.protocol import (
     parse_detection_list,
     parse_limit,
 )
-from server.sessions import Hub, Verb
+from server.sessions import Hub, Verb, batch_ack, publish_ack
 
 log = logging.getLogger("testpulse.http")
 
@@ -177,6 +177,10 @@ class HttpApi:
         body = await self._json(request)
         if isinstance(body, dict) and "detections" in body:
             stored = await self.hub.publish(who, PublishRequest(session_id, parse_detection_list(body["detections"])))
-            return JSONResponse({"ok": True, "first_seq": stored[0].seq, "last_seq": stored[-1].seq}, status_code=201)
-        stored = await self.hub.publish(who, PublishRequest(session_id, [DetectionIn.parse(body)]))
-        return JSONResponse({"ok": True, "seq": stored[0].seq}, status_code=201)
+            answer = batch_ack(stored)
+        else:
+            stored = await self.hub.publish(who, PublishRequest(session_id, [DetectionIn.parse(body)]))
+            answer = publish_ack(stored)
+        # 201 when something was stored; a repeat of stored detections only created nothing.
+        created = not all(item.duplicate for item in stored)
+        return JSONResponse({"ok": True, **answer}, status_code=201 if created else 200)

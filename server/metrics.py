@@ -50,6 +50,15 @@ RATE_LIMITED = Counter("testpulse_rate_limited_total", "Events or handshakes ref
 SLOW_CONSUMERS = Counter(
     "testpulse_slow_consumer_disconnects_total", "Clients disconnected because their outgoing queue overflowed."
 )
+SERVER_DISCONNECTS = Counter(
+    "testpulse_server_disconnects_total",
+    "Connections this node ended, by reason (PROTOCOL.md 1.1: draining and slow_consumer reconnect by themselves).",
+    ["reason"],
+)
+WRITE_TIMEOUTS = Counter(
+    "testpulse_write_timeouts_total",
+    "WebSocket connections aborted because the peer took nothing for TESTPULSE_WRITE_TIMEOUT_SECONDS.",
+)
 ROOMS = Gauge("testpulse_rooms", "Session rooms with at least one member on this node.")
 ROOM_MEMBERS = Gauge("testpulse_room_members", "Session memberships (client x session) on this node.")
 SESSIONS_BY_STATUS = Gauge(
@@ -67,11 +76,17 @@ REDIS_RECONNECTS = Counter("testpulse_redis_reconnects_total", "Times this node 
 REDIS_PROBE_AGE_SECONDS = Gauge(
     "testpulse_redis_probe_age_seconds", "Seconds since this node's subscription last received its own probe."
 )
+REDIS_CHANNELS = Gauge(
+    "testpulse_redis_channels",
+    "Session channels this node needs (wanted) and has confirmed on its current Redis subscription (confirmed).",
+    ["state"],
+)
 REDIS_MESSAGES_RECEIVED = Counter(
     "testpulse_redis_messages_received_total", "Cross-node messages received from Redis, by kind.", ["kind"]
 )
 
 DISCONNECT_REASONS = ("client_disconnect", "server_disconnect", "ping_timeout", "transport_close", "transport_error")
+SERVER_DISCONNECT_REASONS = ("draining", "slow_consumer", "auth_expired", "forbidden", "auth_invalid")
 REFUSAL_CODES = ("auth_missing", "auth_invalid", "auth_expired", "rate_limited", "server_draining")
 
 
@@ -86,6 +101,10 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         CONNECT_REFUSED.labels(code)
     for reason in (*DISCONNECT_REASONS, "other"):
         DISCONNECTS.labels(reason)
+    for reason in SERVER_DISCONNECT_REASONS:
+        SERVER_DISCONNECTS.labels(reason)
+    for state in ("wanted", "confirmed"):
+        REDIS_CHANNELS.labels(state)
     for transport in ("polling", "websocket"):
         CONNECTED_CLIENTS.labels(transport)
     for kind in ("event", "handshake", "backpressure"):
@@ -94,6 +113,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         EVENTS_EMITTED.labels(event)
     for kind in (
         "detections",
+        "status",
         "emit",
         "resync",
         "callback",

@@ -13,6 +13,7 @@ SESSION_ID_MAX = 64
 NAME_MAX = 200
 LABEL_MAX = 128
 REASON_MAX = 500
+DETECTION_ID_MAX = 64
 JSON_OBJECT_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
 BATCH_WINDOW_MAX_MS = 1000
@@ -31,6 +32,8 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     # Extension: a viewer whose outgoing queue overflowed is disconnected with this reason.
     SLOW_CONSUMER = "slow_consumer"
+    # 1.1: a client holds a position the store does not have (a join past the session's last seq).
+    INSUFFICIENT_STATE = "insufficient_state"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -45,6 +48,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
     ErrorCode.SLOW_CONSUMER: 429,
+    ErrorCode.INSUFFICIENT_STATE: 409,
 }
 
 
@@ -201,7 +205,8 @@ class StopRequest:
 
 @dataclass(frozen=True, slots=True)
 class DetectionIn:
-    """A detection as a publisher sent it, validated; `seq` and `received_at` come from the store."""
+    """A detection as a publisher sent it, validated; `seq` and `received_at` come from the store.
+    `id`, when given, makes the publish idempotent: the store keeps one detection per id and session."""
 
     label: str
     confidence: float
@@ -209,6 +214,7 @@ class DetectionIn:
     frame: int | None
     ts: float | None
     attributes: dict[str, Any] | None
+    id: str | None = None
 
     @classmethod
     def parse(cls, payload: object, prefix: str = "") -> DetectionIn:
@@ -237,7 +243,18 @@ class DetectionIn:
         if ts is not None and not _is_number(ts):
             raise bad(prefix + "ts", "must be a number (milliseconds since the epoch)")
         attributes = _json_object(data, "attributes") if prefix == "" else _prefixed_json(data, prefix)
-        return cls(label, float(confidence), bbox, frame, ts, attributes)
+        return cls(label, float(confidence), bbox, frame, ts, attributes, _detection_id(data, prefix + "id"))
+
+
+def _detection_id(data: dict[str, Any], field: str) -> str | None:
+    value = data.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad(field, "must be a string")
+    if not 1 <= len(value) <= DETECTION_ID_MAX:
+        raise bad(field, f"must be 1 to {DETECTION_ID_MAX} characters")
+    return _storable(value, field)
 
 
 def _prefixed_json(data: dict[str, Any], prefix: str) -> dict[str, Any] | None:

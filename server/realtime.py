@@ -13,9 +13,10 @@ from typing import Any
 
 import socketio
 
-from server import metrics
+from server import disconnects, metrics
 from server.auth import Action, AuthError, Principal, TokenVerifier
 from server.delivery import Feeds, session_room
+from server.disconnects import DisconnectReason
 from server.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -27,7 +28,7 @@ from server.protocol import (
     StopRequest,
 )
 from server.ratelimit import KeyedLimiter, TokenBucket
-from server.sessions import Hub, Verb, iso, utcnow
+from server.sessions import Hub, Verb, batch_ack, iso, publish_ack, utcnow
 from server.settings import Settings
 from server.transport import TaggedEngineServer
 
@@ -247,29 +248,43 @@ class Realtime:
                 self._expire(sid)
 
     def _expire(self, sid: str) -> None:
-        self._spawn(self._drop(sid, "auth_expired", "token has expired; reconnect with a fresh one"))
+        self._spawn(self.drop(sid, disconnects.AUTH_EXPIRED))
 
     def drop_slow_consumer(self, sid: str) -> None:
         metrics.SLOW_CONSUMERS.inc()
-        self._spawn(
-            self._drop(sid, ErrorCode.SLOW_CONSUMER, "your queue overflowed; reconnect and rejoin with last_seq")
-        )
+        self._spawn(self.drop(sid, disconnects.SLOW_CONSUMER))
 
-    async def _drop(self, sid: str, code: str, message: str) -> None:
+    async def drop(self, sid: str, reason: DisconnectReason) -> Any:
+        """End a connection as PROTOCOL.md 1.1 says for `reason`: the `error` event first, then a
+        Socket.IO DISCONNECT only where the client must not come back by itself, then the
+        Engine.IO close. Nothing here waits for the client: a long-polling client between polls,
+        or one that stopped reading, would never let it return. Returns the Engine.IO socket
+        (None when the connection was already gone), so a drain can see its queue empty."""
         if sid not in self.connections:
-            return
+            return None
         self.feeds.detach(sid)
+        metrics.SERVER_DISCONNECTS.labels(reason.label).inc()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-        await self.sio.emit("error", {"code": code, "message": message}, to=sid)
-        await self.sio.disconnect(sid)
-        if eio_sid is not None:
-            # python-socketio only leaves the namespace: a client that ignored that would keep its
-            # connection, and its slot on this node, for as long as it answers PINGs.
-            await self.sio.eio.disconnect(eio_sid)
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if socket is not None and reason is disconnects.SLOW_CONSUMER:
+            # Its backlog is what overflowed; the client replays it on rejoin. Without it the
+            # error reaches the client now, not after thousands of packets it is not taking.
+            socket.queue.discard()
+        # Queued straight on the socket, with no suspension before the close below: a long-poll
+        # that is held now must leave with the error and the CLOSE packet together.
+        self.feeds.send(sid, "error", reason.error_event())
+        if reason.sends_disconnect_packet:
+            await self.sio.disconnect(sid)
+        if socket is not None:
+            # python-socketio's disconnect only leaves the namespace: a client that ignored that
+            # would keep its connection, and its slot on this node, for as long as it answers PINGs.
+            await socket.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
+        return socket
 
-    async def disconnect_all(self, code: str, message: str) -> None:
-        """Ask every client of this node to go elsewhere (used when draining)."""
-        await asyncio.gather(*(self._drop(sid, code, message) for sid in list(self.connections)))
+    async def disconnect_all(self, reason: DisconnectReason) -> list[Any]:
+        """End every connection of this node for `reason` (draining); returns their sockets."""
+        sockets = await asyncio.gather(*(self.drop(sid, reason) for sid in list(self.connections)))
+        return [s for s in sockets if s is not None]
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -386,12 +401,12 @@ class Realtime:
     async def publish_detection(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         conn.principal.require(Action.PUBLISH)
         stored = await self.hub.publish(conn.principal, PublishRequest.parse_one(payload))
-        return {"seq": stored[0].seq}
+        return publish_ack(stored)
 
     async def publish_detections(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         conn.principal.require(Action.PUBLISH)
         stored = await self.hub.publish(conn.principal, PublishRequest.parse_batch(payload))
-        return {"first_seq": stored[0].seq, "last_seq": stored[-1].seq}
+        return batch_ack(stored)
 
 
 def _reason_label(reason: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -95,12 +95,17 @@ class StoredDetection:
     ts: float | None
     attributes: dict[str, Any] | None
     received_at: datetime
+    id: str | None = None
+    # Set on what append() returns for an item whose id was already stored (before, or earlier in
+    # the same request): the stored detection, which is not stored or emitted again.
+    duplicate: bool = False
 
     def event(self) -> dict[str, Any]:
         """The `detection_event` payload."""
         return {
             "session_id": self.session_id,
             "seq": self.seq,
+            "id": self.id,
             "label": self.label,
             "confidence": self.confidence,
             "bbox": self.bbox,
@@ -109,6 +114,23 @@ class StoredDetection:
             "attributes": self.attributes,
             "received_at": iso(self.received_at),
         }
+
+
+def publish_ack(stored: Sequence[StoredDetection]) -> dict[str, Any]:
+    """The success ack of `publish_detection` (one item): `duplicate` only when it was stored before."""
+    return {"seq": stored[0].seq, "duplicate": True} if stored[0].duplicate else {"seq": stored[0].seq}
+
+
+def batch_ack(stored: Sequence[StoredDetection]) -> dict[str, Any]:
+    """The success ack of `publish_detections`. With duplicates the seqs need not be consecutive
+    nor ascending (an item may repeat an id stored long ago), hence min and max."""
+    seqs = [item.seq for item in stored]
+    return {
+        "first_seq": min(seqs),
+        "last_seq": max(seqs),
+        "seqs": seqs,
+        "duplicates": sum(item.duplicate for item in stored),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +178,11 @@ class EventLog(Protocol):
     two nodes appending to the same session concurrently never get the same seq and never leave a
     gap, and nothing is appended after a stop commits. It raises ProtocolError(not_found |
     session_not_running | unavailable).
+
+    Items with an `id` are idempotent: one whose id is already stored in the session (by any node,
+    or earlier in the same call) comes back as the stored detection with `duplicate` set, and
+    takes no seq. It returns one detection per item, in item order. A request made only of
+    duplicates succeeds whatever the session's status: its detections are stored.
     """
 
     async def append(self, session_id: str, items: Sequence[DetectionIn]) -> list[StoredDetection]: ...
@@ -163,11 +190,21 @@ class EventLog(Protocol):
     async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]: ...
 
 
+class StatusHistory(Protocol):
+    """Every status change of a session, as committed (the audit trail).
+
+    transitions() lists them oldest first as `test_session_update` payloads; a change is listed
+    once its status change has committed, on every node."""
+
+    async def transitions(self, session_id: str) -> list[dict[str, Any]]: ...
+
+
 class Broadcast(Protocol):
     """Delivers domain events to every member of a session's room on every node.
 
     detections() is called in seq order per session from one node; receivers reorder across nodes
     and fill gaps from the EventLog, so a lost call delays delivery but never loses a detection.
+    Likewise a lost session_changed() is made good from the StatusHistory.
     """
 
     async def session_changed(self, transition: Transition) -> None: ...
@@ -178,6 +215,22 @@ class Broadcast(Protocol):
         ...
 
     async def detections(self, session_id: str, items: list[StoredDetection]) -> None: ...
+
+
+def first_occurrences(ids: Sequence[str | None], stored: Container[str]) -> list[bool]:
+    """For each item of an append, whether it is new: it has no id, or an id that is neither
+    stored nor carried by an earlier item. The others are duplicates and take no seq."""
+    seen: set[str] = set()
+    fresh: list[bool] = []
+    for item_id in ids:
+        if item_id is None:
+            fresh.append(True)
+        elif item_id in stored or item_id in seen:
+            fresh.append(False)
+        else:
+            seen.add(item_id)
+            fresh.append(True)
+    return fresh
 
 
 def new_session_id() -> str:
@@ -244,7 +297,9 @@ class Hub:
         who.require(Action.PUBLISH, req.session_id)
         await self._broadcast.admit(req.session_id)
         stored = await self._log.append(req.session_id, req.detections)
-        await self._broadcast.detections(req.session_id, stored)
+        fresh = [item for item in stored if not item.duplicate]
+        if fresh:
+            await self._broadcast.detections(req.session_id, fresh)
         return stored
 
     async def _existing(self, session_id: str) -> Session:

@@ -42,6 +42,14 @@ class Settings:
         default="sqlite+aiosqlite:///./testpulse.db",
         metadata={"doc": "SQLAlchemy async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`"},
     )
+    migrate_on_start: str = field(
+        default="auto",
+        metadata={
+            "doc": "`auto`, `true` or `false`: whether a node migrates an older database schema at start"
+            " (`auto`: in development only; `testpulse cluster` sets `true`). An empty database is always"
+            " set up; otherwise run `testpulse migrate`"
+        },
+    )
     database_pool_size: int = field(default=10, metadata={"doc": "connections per node (PostgreSQL)"})
     database_timeout_seconds: float = field(
         default=5.0, metadata={"doc": "longest wait for one database operation before `unavailable`"}
@@ -89,6 +97,10 @@ class Settings:
     ping_interval_seconds: float = field(default=25.0, metadata={"doc": "Engine.IO ping interval"})
     ping_timeout_seconds: float = field(default=20.0, metadata={"doc": "Engine.IO ping timeout"})
     shutdown_timeout_seconds: float = field(default=10.0, metadata={"doc": "longest graceful shutdown"})
+    write_timeout_seconds: float = field(
+        default=30.0,
+        metadata={"doc": "a WebSocket whose peer takes nothing for this long is aborted (it stopped reading)"},
+    )
     node_id: str = field(
         default_factory=_default_node_id,
         metadata={"doc": "this node's name in `connection_status` and metrics (default host-pid)"},
@@ -105,6 +117,10 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def migrates_on_start(self) -> bool:
+        return self.migrate_on_start == "true" or (self.migrate_on_start == "auto" and not self.production)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -124,6 +140,8 @@ class Settings:
         def fail(name: str, why: str) -> None:
             raise SettingsError(f"{env_name(name)}: {why}")
 
+        if self.migrate_on_start not in ("auto", "true", "false"):
+            fail("migrate_on_start", f"must be 'auto', 'true' or 'false', got {self.migrate_on_start!r}")
         if self.env not in ("development", "production"):
             fail("env", f"must be 'development' or 'production', got {self.env!r}")
         if not self.jwt_algorithms:
@@ -155,6 +173,7 @@ class Settings:
             "database_pool_size",
             "database_timeout_seconds",
             "shutdown_timeout_seconds",
+            "write_timeout_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -219,4 +238,7 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str, str], Any]:
     return _text
 
 
-_PARSERS: dict[str, Callable[[str, str], Any]] = {"env": lambda name, raw: raw.lower()}
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "env": lambda name, raw: raw.lower(),
+    "migrate_on_start": lambda name, raw: raw.lower(),
+}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Index,
     bindparam,
     create_engine,
     event,
@@ -37,12 +39,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
+from server import schema
 from server.protocol import DetectionIn, ErrorCode, ProtocolError
-from server.sessions import ACTIONS, Session, Status, StoredDetection, utcnow
+from server.sessions import ACTIONS, Session, Status, StoredDetection, first_occurrences, iso, utcnow
 
 log = logging.getLogger("testpulse.store")
 
-SCHEMA_VERSION = 1
 SESSION_READ_BATCH = 500  # ids per shared session read (well under SQLite's bound-parameter limit)
 SESSION_READ_SPACING = 0.01  # seconds between the starts of shared session reads, under load
 SQLITE_READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
@@ -64,6 +66,10 @@ class SessionRow(SQLModel, table=True):
 
 class DetectionRow(SQLModel, table=True):
     __tablename__ = "detections"
+    # NULLs are distinct in a unique index (SQLite and PostgreSQL): only detections given an id are
+    # held to one per session. Appends find stored ids first, under the session's lock; the index
+    # is the backstop that makes a second copy impossible whatever a writer does.
+    __table_args__ = (Index("uq_detections_session_id_id", "session_id", "id", unique=True),)
 
     session_id: str = Field(primary_key=True, foreign_key="test_sessions.id", max_length=64)
     seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
@@ -75,6 +81,8 @@ class DetectionRow(SQLModel, table=True):
     ts: float | None = Field(default=None, sa_column=Column(JSON))
     attributes: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # The publisher's idempotency key (PROTOCOL.md 1.1); added by migration 0002.
+    id: str | None = Field(default=None, max_length=64)
 
 
 class AuditRow(SQLModel, table=True):
@@ -104,7 +112,6 @@ audit_t = AuditRow.__table__  # type: ignore[attr-defined]
 # Built once: SQLAlchemy memoizes a statement's cache key on the object, so a join storm's reads
 # skip building and keying a new SELECT each time (most of their cost on the event loop).
 SESSIONS_BY_ID = select(sessions_t).where(sessions_t.c.id.in_(bindparam("ids", expanding=True)))
-schema_t = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 
 
 def _aware(moment: datetime) -> datetime:
@@ -159,6 +166,7 @@ def _detection(row: Any) -> StoredDetection:
         ts=row.ts,
         attributes=row.attributes,
         received_at=_aware(row.received_at),
+        id=row.id,
     )
 
 
@@ -263,23 +271,36 @@ class Database:
             log.warning("database error: %s", exc)
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry") from None
 
-    async def create_schema(self) -> None:
-        """Create missing tables; safe when several nodes start at once."""
+    async def migrate(self, *, automatic: bool) -> schema.SchemaState:
+        """At node start: make sure the schema is this build's (see schema.ensure_current), in one
+        transaction; safe when several nodes start at once. Without the store timeout: a
+        migration of a large table may take a while, and stopping it halfway helps nobody."""
+        try:
+            return await self.run_ddl(lambda conn: schema.ensure_current(conn, migrate=automatic))
+        except schema.SchemaError as exc:
+            log.error("refusing to start: %s", exc)
+            raise
 
-        def create(conn: Connection) -> None:
+    async def upgrade(self) -> schema.SchemaState:
+        """`testpulse migrate`: bring the schema to head."""
+        return await self.run_ddl(schema.upgrade)
+
+    async def run_ddl(self, work: Callable[[Connection], T]) -> T:
+        def locked(conn: Connection) -> T:
             if not self.is_sqlite:
-                # Serialises concurrent node starts; SQLite's BEGIN IMMEDIATE already does.
+                # Serialises concurrent node starts and migrations; SQLite's BEGIN IMMEDIATE already does.
                 conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-            SQLModel.metadata.create_all(conn)
-            current = conn.execute(select(func.max(schema_t.c.version))).scalar()
-            if current is None:
-                conn.execute(schema_t.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
-            elif current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema is version {current}, newer than this build ({SCHEMA_VERSION}); upgrade testpulse"
-                )
+            return work(conn)
 
-        await self.write(create)
+        if self._engine is not None:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(locked)
+
+        def transaction() -> T:
+            with self._writer.begin() as conn:
+                return locked(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(text("SELECT 1")).scalar())
@@ -487,6 +508,20 @@ class SqlStore:
             for r in rows
         ]
 
+    async def transitions(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's status changes, oldest first, as `test_session_update` payloads."""
+        return [
+            {
+                "session_id": session_id,
+                "status": row["to_status"],
+                "previous_status": row["from_status"],
+                "updated_at": iso(row["at"]),
+                "actor": row["actor"],
+            }
+            for row in await self.audit(session_id)
+            if row["from_status"] is not None
+        ]
+
     # ---- EventLog ----------------------------------------------------------------------------
 
     async def append(self, session_id: str, items: Sequence[DetectionIn]) -> list[StoredDetection]:
@@ -512,38 +547,49 @@ class SqlStore:
             rows: list[dict[str, Any]] = []
             for session_id in sorted(by_session):
                 indexes = by_session[session_id]
-                count = sum(len(requests[i][1]) for i in indexes)
-                last = conn.execute(
-                    update(sessions_t)
-                    .where(sessions_t.c.id == session_id, sessions_t.c.status == Status.RUNNING.value)
-                    .values(last_seq=sessions_t.c.last_seq + count)
-                    .returning(sessions_t.c.last_seq)
-                ).scalar()
+                items = [item for i in indexes for item in requests[i][1]]
+                ids = sorted({item.id for item in items if item.id is not None})
+                # Read under the session's lock, before the seq counter moves: a duplicate takes no seq.
+                known = _stored_with_ids(conn, session_id, ids) if ids else {}
+                fresh = first_occurrences([item.id for item in items], known)
+                count = fresh.count(True)
+                last = _take_seqs(conn, session_id, count) if count else 0
                 if last is None:
                     error = _why_not_running(conn, session_id)
                     for i in indexes:
-                        outcomes[i] = error
+                        # A retry of detections already stored still learns their seqs.
+                        outcomes[i] = _only_known(requests[i][1], known) or error
                     continue
                 seq = last - count
+                by_id = dict(known)
+                answered: list[StoredDetection] = []
+                for item, new in zip(items, fresh, strict=True):
+                    if not new:
+                        assert item.id is not None
+                        answered.append(dataclasses.replace(by_id[item.id], duplicate=True))
+                        continue
+                    seq += 1
+                    stored = StoredDetection(
+                        session_id,
+                        seq,
+                        item.label,
+                        item.confidence,
+                        item.bbox,
+                        item.frame,
+                        item.ts,
+                        item.attributes,
+                        now,
+                        item.id,
+                    )
+                    if item.id is not None:
+                        by_id[item.id] = stored
+                    answered.append(stored)
+                    rows.append(_detection_row(stored))
+                position = 0
                 for i in indexes:
-                    stored = []
-                    for item in requests[i][1]:
-                        seq += 1
-                        stored.append(
-                            StoredDetection(
-                                session_id,
-                                seq,
-                                item.label,
-                                item.confidence,
-                                item.bbox,
-                                item.frame,
-                                item.ts,
-                                item.attributes,
-                                now,
-                            )
-                        )
-                    outcomes[i] = stored
-                    rows.extend(_detection_row(d) for d in stored)
+                    size = len(requests[i][1])
+                    outcomes[i] = answered[position : position + size]
+                    position += size
             if rows:
                 conn.execute(detections_t.insert(), rows)
             return outcomes
@@ -559,6 +605,38 @@ class SqlStore:
         )
         rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [_detection(row) for row in rows]
+
+
+def _stored_with_ids(conn: Connection, session_id: str, ids: list[str]) -> dict[str, StoredDetection]:
+    """The session's stored detections among `ids`, read after locking the session row. Another
+    node appending the same ids waits on that lock, then sees this transaction's rows. (SQLite
+    has no FOR UPDATE: BEGIN IMMEDIATE already holds the database's write lock.)"""
+    conn.execute(select(sessions_t.c.id).where(sessions_t.c.id == session_id).with_for_update())
+    found: dict[str, StoredDetection] = {}
+    for start in range(0, len(ids), SESSION_READ_BATCH):
+        chunk = ids[start : start + SESSION_READ_BATCH]
+        query = select(detections_t).where(detections_t.c.session_id == session_id, detections_t.c.id.in_(chunk))
+        for row in conn.execute(query):
+            found[row.id] = _detection(row)
+    return found
+
+
+def _take_seqs(conn: Connection, session_id: str, count: int) -> int | None:
+    """Move the session's seq counter by `count` if it is running; its new last seq, or None."""
+    last: int | None = conn.execute(
+        update(sessions_t)
+        .where(sessions_t.c.id == session_id, sessions_t.c.status == Status.RUNNING.value)
+        .values(last_seq=sessions_t.c.last_seq + count)
+        .returning(sessions_t.c.last_seq)
+    ).scalar()
+    return last
+
+
+def _only_known(items: Sequence[DetectionIn], known: dict[str, StoredDetection]) -> list[StoredDetection]:
+    """The stored detections of `items` when every one of them is already stored, else []."""
+    if not all(item.id is not None and item.id in known for item in items):
+        return []
+    return [dataclasses.replace(known[item.id], duplicate=True) for item in items if item.id is not None]
 
 
 def _why_not_running(conn: Connection, session_id: str) -> ProtocolError:
@@ -579,6 +657,7 @@ def _detection_row(d: StoredDetection) -> dict[str, Any]:
         "ts": d.ts,
         "attributes": d.attributes,
         "received_at": d.received_at,
+        "id": d.id,
     }
 
 

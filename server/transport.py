@@ -16,6 +16,7 @@ The wire protocol is unchanged (Engine.IO v4), long-polling included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -24,7 +25,8 @@ from typing import Any
 import engineio
 from engineio import packet
 
-from server.wsprotocol import SEND_BATCH
+from server import metrics
+from server.wsprotocol import ABORT, SEND_BATCH
 
 log = logging.getLogger("testpulse.transport")
 
@@ -88,6 +90,14 @@ class PacketQueue:
                 if self._getter is getter:
                     self._getter = None
         return self.get_nowait()
+
+    def discard(self) -> int:
+        """Drop every queued packet (a dropped slow consumer's backlog: it replays on rejoin)."""
+        dropped = self.qsize()
+        self._items = None
+        for _ in range(dropped):
+            self.task_done()
+        return dropped
 
     def task_done(self) -> None:
         self._unfinished -= 1
@@ -168,10 +178,14 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             self.queue.put_nowait(pkt)
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
+        was_open = not (self.closed or self.closing)
         await super().close(wait=wait, abort=abort, reason=reason)
-        if self.upgraded:
-            # Ends the WebSocket writer after whatever is queued (the CLOSE packet, if any), and
-            # with it the WebSocket: the reader has no timer of its own to notice a mute peer.
+        if was_open:
+            # The end-of-stream mark, after whatever is queued (the CLOSE packet, if any). It ends
+            # the WebSocket writer, and with it the WebSocket (the reader has no timer of its own
+            # to notice a mute peer). A long-poll GET held by a client that has just left (it sent
+            # Engine.IO's CLOSE) is answered at once instead of at the end of its PING cycle: the
+            # held request, and the socket under it, are freed now.
             self.queue.put_nowait(None)
 
     def schedule_ping(self) -> None:
@@ -261,19 +275,40 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 await ws.send(pkt.encode())
 
     async def _write_forever(self, ws: Any) -> None:
+        deadline = self.server.write_timeout
         try:
             while True:
                 packets = await self.poll()
                 if not packets:
                     break
-                await self._write(ws, packets)
+                # A peer that stops reading (a zero TCP window) leaves a write waiting on flow
+                # control for ever, and with it this socket, its queue and its buffers.
+                async with asyncio.timeout(deadline):
+                    await self._write(ws, packets)
                 if self.closed:
                     # Closed by the server (disconnect, PING timeout): the CLOSE packet has gone
                     # out; closing the WebSocket ends the reader too, even if the peer stays mute.
                     break
+        except TimeoutError:
+            metrics.WRITE_TIMEOUTS.inc()
+            log.warning("%s: aborting a WebSocket whose peer took nothing for %.0fs", self.sid, deadline)
+            await self._abort(ws)
+            return
         except Exception:  # noqa: BLE001 - a failed write means the peer is gone
             pass
-        await ws.close()
+        try:
+            async with asyncio.timeout(deadline):
+                await ws.close()
+        except TimeoutError:
+            await self._abort(ws)
+
+    async def _abort(self, ws: Any) -> None:
+        """Drop the connection without a closing handshake (which a peer that does not read would
+        never complete); the reader then sees the disconnect and the handler ends."""
+        if self.batch_writes:
+            with contextlib.suppress(Exception):
+                await ws.asgi_send({"type": ABORT})
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
 
 class Pinger:
@@ -385,6 +420,7 @@ class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     it without cookies or client-IP hashing (see nginx.conf). Its sockets are NodeSockets."""
 
     sid_tag = ""
+    write_timeout = 30.0  # seconds a WebSocket write may wait for a peer that does not read
     _async: dict[str, Any]  # engineio's async driver table (untyped library)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

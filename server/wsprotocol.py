@@ -12,6 +12,9 @@ connections:
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -20,6 +23,9 @@ from websockets.exceptions import InvalidState
 
 # Advertised in scope["extensions"]; the message is {"type": SEND_BATCH, "messages": [str | bytes, ...]}.
 SEND_BATCH = "testpulse.websocket.send_batch"
+# {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
+# stopped reading: a close frame would wait behind everything it has not taken, for ever.
+ABORT = "testpulse.websocket.abort"
 
 
 class _HeldWrites:
@@ -44,11 +50,16 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][SEND_BATCH] = {}
+            scope["extensions"][ABORT] = {}
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
         if kind == SEND_BATCH:
             await self._send_batch(message["messages"])
+            return
+        if kind == ABORT:
+            # Not behind `writable`: flow control is exactly what a peer that does not read holds shut.
+            self._abort()
             return
         if kind != "websocket.accept":
             self._release_held()
@@ -69,6 +80,15 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             # uvicorn reads them only before the handshake completes.
             del self.request
             del self.response
+
+    def _abort(self) -> None:
+        # A plain close would leave the kernel sending what the peer never takes (an orphaned
+        # socket in FIN-WAIT-1, with its buffers, for minutes); a zero linger time resets it now.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _release_held(self) -> None:
         if self._held:

@@ -17,7 +17,7 @@ from support.processes import wait_until
 
 pytestmark = pytest.mark.contract
 
-EVENT_FIELDS = {"session_id", "seq", "label", "confidence", "bbox", "frame", "ts", "attributes", "received_at"}
+EVENT_FIELDS = {"session_id", "seq", "id", "label", "confidence", "bbox", "frame", "ts", "attributes", "received_at"}
 
 
 async def running_session(client: Client) -> str:
@@ -96,7 +96,7 @@ async def test_batch_publish_acks_first_and_last_seq(node: NodeUnderTest, connec
     ack = await admin.ok(
         "publish_detections", {"session_id": session_id, "detections": [detection(i) for i in range(5)]}
     )
-    assert ack == {"ok": True, "first_seq": 2, "last_seq": 6}
+    assert ack == {"ok": True, "first_seq": 2, "last_seq": 6, "seqs": [2, 3, 4, 5, 6], "duplicates": 0}
     single = await admin.ok("publish_detections", {"session_id": session_id, "detections": [detection(9)]})
     assert (single["first_seq"], single["last_seq"]) == (7, 7)
     await admin.wait_for_seqs(session_id, 7)
@@ -330,13 +330,15 @@ async def test_join_with_last_seq_equal_to_the_sessions_replays_nothing(node: No
     assert await viewer.wait_for_seqs(session_id, 1) == [2]
 
 
-async def test_join_with_last_seq_beyond_the_session_is_bad_request(node: NodeUnderTest, connect: Connect) -> None:
+async def test_join_with_last_seq_beyond_the_session_is_insufficient_state(
+    node: NodeUnderTest, connect: Connect
+) -> None:
     admin = await connect(node, "admin")
     session_id = await running_session(admin)
     await admin.publish(session_id)
     viewer = await connect(node, "viewer")
     error = await viewer.refused("join_session", {"session_id": session_id, "last_seq": 2})
-    assert error["code"] == "bad_request" and error["message"].startswith("last_seq:")
+    assert error["code"] == "insufficient_state" and error["message"].startswith("last_seq:")
     await admin.publish(session_id, 1)
     await admin.ok("pause_test_session", {"session_id": session_id})
     await admin.wait_for_seqs(session_id, 2)

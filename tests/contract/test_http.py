@@ -324,7 +324,7 @@ async def test_post_a_batch_is_201_with_first_and_last_seq(http: httpx.AsyncClie
     await post_detections(http, node, session_id, detection(0))
     response = await post_detections(http, node, session_id, {"detections": [detection(i) for i in range(1, 4)]})
     assert response.status_code == 201
-    assert response.json() == {"ok": True, "first_seq": 2, "last_seq": 4}
+    assert response.json() == {"ok": True, "first_seq": 2, "last_seq": 4, "seqs": [2, 3, 4], "duplicates": 0}
 
 
 @pytest.mark.parametrize(
@@ -366,6 +366,7 @@ async def test_events_page_with_after_seq_and_limit(http: httpx.AsyncClient, nod
     assert set(every[0]) == {
         "session_id",
         "seq",
+        "id",
         "label",
         "confidence",
         "bbox",

@@ -87,6 +87,21 @@ def test_wheel_installs_the_server_package_and_the_testpulse_script(installed: P
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_installed_wheel_migrates_from_its_own_revisions(installed: Path, tmp_path: Path):
+    """The Alembic scripts ship as package data: `testpulse migrate` works outside the source tree."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    env["TESTPULSE_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'installed.db'}"
+    migrate = subprocess.run(
+        [str(installed / "testpulse"), "migrate"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+    assert "revision 0002" in migrate.stdout
+    sql = subprocess.run(
+        [str(installed / "testpulse"), "migrate", "--sql"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert "ALTER TABLE detections ADD COLUMN id" in sql.stdout, sql.stderr
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.xfail(
     not declares_asyncio_sqlalchemy(),

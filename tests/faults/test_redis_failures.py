@@ -125,3 +125,38 @@ async def test_nodes_resubscribe_within_seconds_after_client_kill_type_pubsub(
         await publisher.stop()
     assert resubscribed_after < 5
     await finish(publisher, watching, cluster)
+
+
+async def test_status_changes_published_while_subscriptions_are_rebuilt_reach_every_viewer_in_order(
+    cluster: RunningCluster, open_client: OpenClient, viewers: Watch
+) -> None:
+    """A pause or resume published while another node resubscribes (right after `CLIENT KILL TYPE
+    pubsub`, what Redis does on client-output-buffer-limit) is made good from the audit trail."""
+    home = cluster.nodes[0]
+    operator = await open_client(home.url, "operator")
+    session_id = (await operator.ok("start_test_session", {"name": "status-blips"}))["session"]["id"]
+    watching = await one_viewer_per_node(viewers, cluster, session_id)
+    expected: list[str] = []
+    async with redis_client(cluster.redis_url) as redis:
+        for _ in range(3):
+            before = {c["id"] for c in await redis.client_list(_type="pubsub")}
+            assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= len(cluster.nodes)
+            await operator.ok("pause_test_session", {"session_id": session_id})
+            await operator.ok("resume_test_session", {"session_id": session_id})
+            expected += ["paused", "running"]
+
+            async def resubscribed(before: set[int] = before) -> bool:
+                now = {c["id"] for c in await redis.client_list(_type="pubsub")}
+                return not (now & before) and await control_subscribers(cluster.redis_url) == len(cluster.nodes)
+
+            await wait_until(resubscribed, deadline=10, what="every node subscribed again")
+    stored = (await operator.ok("join_session", {"session_id": session_id}))["session"]
+    assert stored["status"] == "running"
+    for viewer in watching:
+        await viewer.wait_for(
+            lambda v=viewer: [u["status"] for u in v.updates] == expected,
+            deadline=15,
+            what=f"the status changes {expected}",
+        )
+        assert [u["previous_status"] for u in viewer.updates] == ["running", "paused"] * 3, viewer.updates
+        assert viewer.updates[-1]["updated_at"] == stored["updated_at"]

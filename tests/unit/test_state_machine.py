@@ -88,6 +88,7 @@ def test_detection_event_payload_has_exactly_the_contracts_fields() -> None:
     assert stored.event() == {
         "session_id": "s1",
         "seq": 7,
+        "id": None,
         "label": "car",
         "confidence": 0.25,
         "bbox": [1, 2, 3, 4],
