@@ -126,8 +126,9 @@ class Outbox:
 class RepeatFilter:
     """Receiving side: tells a message already handled from its sender, so that a batch the outbox
     sent again after a timeout or a failed pipeline (Redis may have taken it the first time) is
-    handled once. Detections would survive repeats (feeds drop seqs they have), but status
-    updates, room changes and callbacks would not.
+    handled once. Detections and status changes would survive repeats (feeds drop the seqs and
+    changes they delivered already), but other emits, room changes, disconnects and callbacks
+    would not; this filter covers every outbox message alike, whatever its method.
 
     Each message carries its sender (a host id, new for every process) and a number that sender
     assigns in put() order. Because the outbox sends in that order and only repeats what it sent
