@@ -159,6 +159,8 @@ class Node:
             checks["database"] = f"failing: {getattr(exc, 'message', exc) or type(exc).__name__}"
         if self.cluster is not None:
             checks["redis"] = await self.cluster.health()
+        if self.log.failure is not None:
+            checks["writer"] = f"failing: {self.log.failure}"
         if self.draining:
             checks["node"] = "draining"
         return checks

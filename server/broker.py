@@ -26,8 +26,7 @@ import json
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +35,7 @@ from redis import asyncio as aioredis
 
 from server import metrics
 from server.delivery import Feeds, session_room
+from server.outbox import Message, Outbox, Publisher, RepeatFilter
 from server.sessions import StoredDetection, Transition
 
 log = logging.getLogger("testpulse.broker")
@@ -47,6 +47,7 @@ BACKPRESSURE_PATIENCE_SECONDS = 2.0  # a publisher held longer than this is told
 SIGNATURE_BYTES = 16
 LISTEN_SLICE_BUSY = 0.01  # seconds per pub/sub read while subscriptions are pending
 LISTEN_SLICE_IDLE = 0.05  # otherwise; also the longest a first join into a new room waits to subscribe
+SENDER_KEY, NUMBER_KEY = "from", "n"  # on every outbox message: who sent it, and its number there
 
 
 class NodeBroadcast:
@@ -101,6 +102,19 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
         return None
 
 
+class RedisPublisher:
+    """The outbox's Publisher over Redis: one pipeline (no transaction) per batch."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for channel, payload in messages:
+            pipe.publish(channel, payload)
+        await pipe.execute()
+
+
 class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = "testpulse-redis"
 
@@ -115,6 +129,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         backoff_max: float = 2.0,
         outbox_max: int = 100_000,
         connect_timeout: float = 2.0,
+        publisher: Publisher | None = None,
     ) -> None:
         super().__init__(url=url, channel=f"{prefix}:control")
         self._key = key
@@ -122,13 +137,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._backoff_max = backoff_max
-        self._outbox_max = outbox_max
         self._connect_timeout = connect_timeout
         self._probe_channel = f"{prefix}:probe:{self.host_id}"
-        self._outbox: deque[tuple[str, bytes]] = deque()
-        self._outbox_ready = asyncio.Event()
-        self._outbox_empty = asyncio.Event()
-        self._outbox_overflowed = False
         self._wanted: set[str] = set()  # room channels this node's clients need
         self._subscribed: set[str] = set()  # channels Redis confirmed on the current connection
         self._requested: set[str] = set()  # asked for on the current connection, not yet confirmed
@@ -143,6 +153,15 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.on_status: Callable[[dict[str, Any]], None] = lambda _u: None
         self.on_resubscribed: Callable[[], None] = lambda: None
         self.redis = self._client()
+        self._sent = 0  # the number of this node's last outbox message
+        self._repeats = RepeatFilter()
+        self._outbox = Outbox(
+            publisher or RedisPublisher(self.redis),
+            capacity=outbox_max,
+            timeout=connect_timeout,
+            backoff_max=backoff_max,
+            after_overflow=self._announce_resync,
+        )
 
     def _client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(
@@ -161,16 +180,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         socketio.AsyncManager.initialize(self)
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="testpulse-redis-listener"),
-            asyncio.create_task(self._publish_forever(), name="testpulse-redis-publisher"),
+            asyncio.create_task(self._outbox.publish_forever(), name="testpulse-redis-publisher"),
             asyncio.create_task(self._probe_forever(), name="testpulse-redis-probe"),
         ]
 
     async def flush(self, grace_seconds: float) -> bool:
         """Wait until the outbox is empty (used when draining); False if it could not empty in time."""
-        if self._outbox:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_empty.wait(), grace_seconds)
-        return not self._outbox
+        return await self._outbox.flush(grace_seconds)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -282,13 +298,14 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._enqueue(channel, data)
 
     def _enqueue(self, channel: str, message: dict[str, Any]) -> None:
-        if len(self._outbox) >= self._outbox_max:
-            self._outbox.popleft()
-            self._outbox_overflowed = True
-            metrics.REDIS_PUBLISH_FAILURES.inc()
-        self._outbox.append((channel, self._sign(message)))
-        self._outbox_empty.clear()
-        self._outbox_ready.set()
+        # "host_id" is not the sender for every method (a callback names its destination), so the
+        # sender and its message number travel under their own keys, for the receivers' RepeatFilter.
+        self._sent += 1
+        self._outbox.put(channel, self._sign({**message, SENDER_KEY: self.host_id, NUMBER_KEY: self._sent}))
+
+    def _announce_resync(self) -> None:
+        # Some messages were dropped while Redis was away: have every node re-read the store.
+        self._enqueue(self.channel, {"method": "resync", "host_id": self.host_id})
 
     def _sign(self, message: dict[str, Any]) -> bytes:
         body = json.dumps(message, separators=(",", ":")).encode()
@@ -306,39 +323,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         except ValueError:
             return None
         return message if isinstance(message, dict) and isinstance(message.get("method"), str) else None
-
-    async def _publish_forever(self) -> None:
-        backoff = 0.05
-        while True:
-            if not self._outbox:
-                self._outbox_ready.clear()
-                await self._outbox_ready.wait()
-                continue
-            batch = [self._outbox[i] for i in range(min(len(self._outbox), 512))]
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    pipe = self.redis.pipeline(transaction=False)
-                    for channel, payload in batch:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: keep the messages, retry
-                metrics.REDIS_PUBLISH_FAILURES.inc(len(batch))
-                log.warning("publishing %d messages failed (%s); retrying", len(batch), exc)
-                await asyncio.sleep(backoff * (1 + random.random()))
-                backoff = min(backoff * 2, self._backoff_max)
-                continue
-            backoff = 0.05
-            metrics.REDIS_PUBLISHED.inc(len(batch))
-            for _ in batch:
-                self._outbox.popleft()
-            if not self._outbox:
-                self._outbox_empty.set()
-            if self._outbox_overflowed:
-                # Some messages were dropped while Redis was away: have every node re-read the store.
-                self._outbox_overflowed = False
-                self._enqueue(self.channel, {"method": "resync", "host_id": self.host_id})
 
     # ---- listening ---------------------------------------------------------------------------
 
@@ -446,6 +430,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._last_probe = time.monotonic()
         if method == "probe":
             return
+        if self._is_repeat(message):
+            metrics.REDIS_MESSAGES_RECEIVED.labels("repeat").inc()
+            return
         if message.get("host_id") == self.host_id and method != "callback":
             return
         metrics.REDIS_MESSAGES_RECEIVED.labels(method if method in _KNOWN_METHODS else "other").inc()
@@ -472,6 +459,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self._handle_close_room(message)
         except Exception:
             log.exception("handling a %s message failed", method)
+
+    def _is_repeat(self, message: dict[str, Any]) -> bool:
+        sender, number = message.get(SENDER_KEY), message.get(NUMBER_KEY)
+        if not isinstance(sender, str) or not isinstance(number, int):
+            return False  # a node from before message numbers: nothing to compare with
+        return self._repeats.is_repeat(sender, number)
 
     def _on_detections(self, message: dict[str, Any]) -> None:
         session_id, items = message.get("session_id"), message.get("items")

@@ -123,6 +123,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         "close_room",
         "other",
         "rejected",
+        "repeat",
     ):
         REDIS_MESSAGES_RECEIVED.labels(kind)
 
