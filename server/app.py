@@ -13,13 +13,13 @@ from typing import Any
 import socketio
 from starlette.applications import Starlette
 
-from server import __version__, disconnects, gctune, metrics
+from server import __version__, disconnects, engine, gctune, metrics
 from server.auth import TokenVerifier
 from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
 from server.http import HttpApi
 from server.protocol import ErrorCode, ProtocolError
-from server.realtime import Realtime, TestpulseServer
+from server.realtime import Realtime, server_class
 from server.sessions import Hub, Status
 from server.settings import Settings
 from server.store import Database, SqlStore
@@ -46,7 +46,8 @@ class Node:
         self.cluster = (
             ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
         )
-        self.sio = TestpulseServer(
+        self.transport = engine.select(settings.transport)
+        self.sio = server_class(self.transport)(
             async_mode="asgi",
             client_manager=self.cluster,
             sid_tag=sid_tag(settings.node_id),
@@ -73,7 +74,7 @@ class Node:
         self.http = HttpApi(self.hub, verifier, max_body=settings.max_payload_bytes, readiness=self.readiness)
 
     async def start(self) -> None:
-        metrics.NODE_INFO.labels(self.settings.node_id, __version__).set(1)
+        metrics.NODE_INFO.labels(self.settings.node_id, __version__, self.transport).set(1)
         metrics.NODE_DRAINING.set(0)
         metrics.initialize_series([*self.realtime.handlers(), "unknown"], [code.value for code in ErrorCode])
         schema_state = await self.db.migrate(automatic=self.settings.migrates_on_start)
@@ -90,7 +91,12 @@ class Node:
             self.sio.manager_initialized = True
             self.cluster.initialize()
         gctune.tune_for_long_lived_connections()
-        log.info("node %s ready (database %s)", self.settings.node_id, self.db.url.split("://")[0])
+        log.info(
+            "node %s ready (database %s, %s transport)",
+            self.settings.node_id,
+            self.db.url.split("://")[0],
+            self.transport,
+        )
 
     async def drain(self) -> None:
         """Refuse new handshakes, send clients elsewhere, commit what is queued, flush the outbox.

@@ -32,7 +32,7 @@ class DrainingServer:
     def __init__(self, app: Any, settings: Settings, host: str, port: int) -> None:
         import uvicorn
 
-        from server.wsprotocol import LeanWebSocketProtocol
+        from server import engine
 
         config = uvicorn.Config(
             app,
@@ -40,7 +40,7 @@ class DrainingServer:
             port=port,
             loop="auto",
             http="auto",
-            ws=LeanWebSocketProtocol,
+            ws=engine.uvicorn_ws(app.node.transport),  # decided once, by the node (server/engine.py)
             ws_max_size=settings.max_payload_bytes + FRAME_OVERHEAD_BYTES,
             ws_ping_interval=None,  # Engine.IO pings; a second heartbeat only costs frames
             ws_per_message_deflate=settings.websocket_compression,

@@ -9,7 +9,11 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-NODE_INFO = Gauge("testpulse_node_info", "Always 1; labels name this node and its version.", ["node", "version"])
+NODE_INFO = Gauge(
+    "testpulse_node_info",
+    "Always 1; labels name this node, its version and its transport (`lean` or `stock`, TESTPULSE_TRANSPORT).",
+    ["node", "version", "transport"],
+)
 CONNECTED_CLIENTS = Gauge("testpulse_connected_clients", "Socket.IO clients connected to this node now.", ["transport"])
 CONNECTS = Counter("testpulse_connects_total", "Socket.IO connections accepted.")
 DISCONNECTS = Counter("testpulse_disconnects_total", "Socket.IO disconnections, by reason.", ["reason"])

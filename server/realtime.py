@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import socketio
+from socketio import packet as sio_packet
 
 from server import disconnects, metrics
 from server.auth import Action, AuthError, Principal, TokenVerifier
 from server.delivery import Feeds, session_room
 from server.disconnects import DisconnectReason
+from server.engine import Kind, engine_server_class
 from server.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -30,7 +32,6 @@ from server.protocol import (
 from server.ratelimit import KeyedLimiter, TokenBucket
 from server.sessions import Hub, Verb, batch_ack, iso, publish_ack, utcnow
 from server.settings import Settings
-from server.transport import TaggedEngineServer
 
 log = logging.getLogger("testpulse.realtime")
 
@@ -47,13 +48,48 @@ RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "*"})
 
 class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
     """AsyncServer that tells handlers whether the client sent an ack callback, because the
-    contract reports a failure as an `error` event exactly when there is no ack to carry it."""
+    contract reports a failure as an `error` event exactly when there is no ack to carry it; that
+    treats a client event named like one of python-socketio's own as an unknown event; that ends a
+    connection sending a Socket.IO packet it cannot parse; and that greets a connection once its
+    CONNECT packet is queued. The two transports do it their own way: `server_class(kind)`."""
+
+    transport_kind: Kind = "stock"
 
     def __init__(self, *args: Any, sid_tag: str = "", **kwargs: Any) -> None:
         self._sid_tag = sid_tag
         # Called with the sid once a connection is accepted and its CONNECT packet is queued.
         self.on_connected: Callable[[str], None] | None = None
         super().__init__(*args, **kwargs)
+
+    def _engineio_server_class(self) -> type:
+        tag = self._sid_tag
+
+        class Tagged(engine_server_class(self.transport_kind)):  # type: ignore[misc]
+            sid_tag = tag
+
+        return Tagged
+
+    def connection_accepted(self, sid: str) -> None:
+        """Called by the connect handler as it accepts `sid` (before python-socketio answers)."""
+
+    async def _close_malformed(self, eio_sid: str, exc: Exception) -> None:
+        # python-socketio raises these on a Socket.IO packet it cannot parse (bad JSON, no
+        # event name, unknown type, bad base64): the client's garbage, not a server fault.
+        # The connection ends, with one log line (python-engineio would log a traceback per
+        # packet and keep reading, so one client could fill the logs).
+        log.warning(
+            "%s: closing after a malformed Socket.IO packet (%s: %s)", eio_sid, type(exc).__name__, str(exc)[:120]
+        )
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is not None:
+            # Without waiting for the queue: a long-polling client may never come to take it.
+            await socket.close(wait=False, reason=self.eio.reason.TRANSPORT_ERROR)
+
+
+class LeanTestpulseServer(TestpulseServer):
+    """The lean transport's: overrides of python-socketio internals (server/internals.py)."""
+
+    transport_kind: Kind = "lean"
 
     async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
         await super()._handle_connect(eio_sid, namespace, data)
@@ -62,29 +98,11 @@ class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
         if self.on_connected is not None and sid is not None and self.manager.is_connected(sid, namespace):
             self.on_connected(sid)
 
-    def _engineio_server_class(self) -> type:
-        tag = self._sid_tag
-
-        class Tagged(TaggedEngineServer):
-            sid_tag = tag
-
-        return Tagged
-
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:
             await super()._handle_eio_message(eio_sid, data)
         except MALFORMED_PACKET_ERRORS as exc:
-            # python-socketio raises these on a Socket.IO packet it cannot parse (bad JSON, no
-            # event name, unknown type, bad base64): the client's garbage, not a server fault.
-            # The connection ends, with one log line (python-engineio would log a traceback per
-            # packet and keep reading, so one client could fill the logs).
-            log.warning(
-                "%s: closing after a malformed Socket.IO packet (%s: %s)", eio_sid, type(exc).__name__, str(exc)[:120]
-            )
-            socket = self.eio.sockets.get(eio_sid)
-            if socket is not None:
-                # Without waiting for the queue: a long-polling client may never come to take it.
-                await socket.close(wait=False, reason=self.eio.reason.TRANSPORT_ERROR)
+            await self._close_malformed(eio_sid, exc)
 
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None
@@ -98,6 +116,73 @@ class TestpulseServer(socketio.AsyncServer):  # type: ignore[misc]
             # (an `error` event to any sid or room). A quoted name matches no handler: unknown event.
             data = [repr(name)[:80], *data[1:]]
         await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+
+
+class GuardedPacket(socketio.packet.Packet):  # type: ignore[misc]
+    """The stock transport's Socket.IO packet (python-socketio's public `serializer` seam): as it
+    decodes a client event it records whether an ack was asked for, and quotes a reserved or
+    non-string event name, as LeanTestpulseServer does at dispatch. python-socketio decodes in the
+    task that then starts the handler's, which inherits the ack flag (a context variable)."""
+
+    # Set by python-socketio's Packet; declared for the type checker (socketio is untyped).
+    packet_type: int
+    data: Any
+    id: int | None
+
+    def decode(self, encoded_packet: Any) -> Any:
+        attachments = super().decode(encoded_packet)
+        if self.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT):
+            _wants_ack.set(self.id is not None)
+            data = self.data
+            if data:  # empty or missing: python-socketio refuses it as malformed, as on lean
+                name = data[0]
+                if not isinstance(name, str) or name in RESERVED_EVENTS:
+                    self.data = [repr(name)[:80], *data[1:]]
+        return attachments
+
+    def add_attachment(self, attachment: Any) -> bool:
+        complete = bool(super().add_attachment(attachment))
+        if complete:  # the attachments may arrive in another request than the header did
+            _wants_ack.set(self.id is not None)
+        return complete
+
+
+class StockTestpulseServer(TestpulseServer):
+    """The stock transport's: python-socketio's own dispatch, with our behaviour through public seams."""
+
+    transport_kind: Kind = "stock"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, serializer=GuardedPacket, **kwargs)
+        dispatch = self.eio.handlers["message"]
+
+        async def on_message(eio_sid: str, data: Any) -> None:
+            try:
+                await dispatch(eio_sid, data)
+            except MALFORMED_PACKET_ERRORS as exc:
+                await self._close_malformed(eio_sid, exc)
+
+        self.eio.on("message", on_message)
+
+    def connection_accepted(self, sid: str) -> None:
+        # python-socketio queues the CONNECT packet right after the connect handler returns,
+        # without suspending: a callback scheduled now runs once it is queued.
+        asyncio.get_running_loop().call_soon(self._greet, sid, GREET_TRIES)
+
+    def _greet(self, sid: str, tries: int) -> None:
+        if self.on_connected is None:
+            return
+        if self.manager.is_connected(sid, "/"):
+            self.on_connected(sid)
+        elif tries > 0 and self.manager.is_pre_connected(sid, "/"):
+            asyncio.get_running_loop().call_soon(self._greet, sid, tries - 1)
+
+
+GREET_TRIES = 100  # loop turns a stock greeting waits for python-socketio to finish the handshake
+
+
+def server_class(kind: Kind) -> type[TestpulseServer]:
+    return LeanTestpulseServer if kind == "lean" else StockTestpulseServer
 
 
 class Refused(socketio.exceptions.ConnectionRefusedError):  # type: ignore[misc]
@@ -187,6 +272,7 @@ class Realtime:
         )
         self.connections[sid] = conn
         self.feeds.attach(sid)
+        self.sio.connection_accepted(sid)
         metrics.CONNECTS.inc()
         metrics.CONNECTED_CLIENTS.labels(conn.transport).inc()
         # python-socketio keeps the handshake's environ for the life of the connection, and with it

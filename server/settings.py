@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 DEV_JWT_SECRET = "testpulse-dev-secret-change-me-0123456789"
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
+TRANSPORTS = ("auto", "lean", "stock")  # server/engine.py
 
 T = TypeVar("T")
 
@@ -71,6 +72,14 @@ class Settings:
     websocket_compression: bool = field(
         default=False,
         metadata={"doc": "permessage-deflate on WebSockets: less bandwidth for much more CPU and memory per client"},
+    )
+    transport: str = field(
+        default="auto",
+        metadata={
+            "doc": "`auto`, `lean` or `stock`: the Engine.IO/WebSocket implementation. `lean` costs less per"
+            " client but rests on library internals; `stock` is python-engineio's and uvicorn's own; `auto`"
+            " runs lean when the installed libraries have what it needs, else stock with a warning"
+        },
     )
     rate_limit_per_second: float = field(default=200.0, metadata={"doc": "sustained events per second per connection"})
     rate_limit_burst: int = field(
@@ -142,6 +151,8 @@ class Settings:
 
         if self.migrate_on_start not in ("auto", "true", "false"):
             fail("migrate_on_start", f"must be 'auto', 'true' or 'false', got {self.migrate_on_start!r}")
+        if self.transport not in TRANSPORTS:
+            fail("transport", f"must be 'auto', 'lean' or 'stock', got {self.transport!r}")
         if self.env not in ("development", "production"):
             fail("env", f"must be 'development' or 'production', got {self.env!r}")
         if not self.jwt_algorithms:
@@ -241,4 +252,5 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str, str], Any]:
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "env": lambda name, raw: raw.lower(),
     "migrate_on_start": lambda name, raw: raw.lower(),
+    "transport": lambda name, raw: raw.lower(),
 }

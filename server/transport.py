@@ -11,6 +11,9 @@ a good share of its CPU. Here:
   - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
   - the queue is a deque allocated only while it holds packets.
 The wire protocol is unchanged (Engine.IO v4), long-polling included.
+
+This is the lean transport (TESTPULSE_TRANSPORT=lean, or auto): it overrides python-engineio
+internals, which server/internals.py lists and server/engine.py checks before choosing it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ import engineio
 from engineio import packet
 
 from server import metrics
-from server.wsprotocol import ABORT, SEND_BATCH
+from server.engine import POLL_PACKETS_MAX, TaggedEngineServer
 
 log = logging.getLogger("testpulse.transport")
 
-POLL_PACKETS_MAX = 16  # python-engineio clients drop a long-polling payload of more packets
 WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
 _PING = packet.Packet(packet.PING)
+
+# ASGI extensions of LeanWebSocketProtocol (server/wsprotocol.py), advertised in scope["extensions"].
+# {"type": SEND_BATCH, "messages": [str | bytes, ...]}: several WebSocket messages in one write.
+SEND_BATCH = "testpulse.websocket.send_batch"
+# {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
+# stopped reading: a close frame would wait behind everything it has not taken, for ever.
+ABORT = "testpulse.websocket.abort"
 
 
 class PacketQueue:
@@ -416,13 +425,10 @@ async def asgi_environ(scope: dict[str, Any], receive: Any, send: Any) -> dict[s
     return environ
 
 
-class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
-    """Engine.IO server whose session ids start with this node's tag ("node1.Xk3..."), so that the
-    proxy can send every later request of a session (long-polling, upgrade) to the node that holds
-    it without cookies or client-IP hashing (see nginx.conf). Its sockets are NodeSockets."""
+class LeanEngineServer(TaggedEngineServer):
+    """The lean transport's Engine.IO server: tagged session ids (as the stock one), NodeSockets,
+    one Pinger, and the request environ built by asgi_environ."""
 
-    sid_tag = ""
-    write_timeout = 30.0  # seconds a WebSocket write may wait for a peer that does not read
     _async: dict[str, Any]  # engineio's async driver table (untyped library)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -430,9 +436,6 @@ class TaggedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         self.sockets = _SocketTable()
         self.pinger = Pinger(self)
         self._async = {**self._async, "translate_request": asgi_environ}
-
-    def generate_id(self) -> str:
-        return f"{self.sid_tag}.{super().generate_id()}" if self.sid_tag else str(super().generate_id())
 
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
         return PacketQueue()

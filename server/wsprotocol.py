@@ -8,6 +8,9 @@ connections:
   and handed to the socket in one write. A busy client's writer wakes up to several queued
   Engine.IO packets; written one by one, each costs a system call (most of a frame's cost).
   The 101 response waits for the rest of its loop turn, so the first frames share its write.
+
+The lean transport's protocol (server/engine.py): it relies on uvicorn internals that
+server/internals.py lists; the stock transport runs uvicorn's own protocol instead.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 
-# Advertised in scope["extensions"]; the message is {"type": SEND_BATCH, "messages": [str | bytes, ...]}.
-SEND_BATCH = "testpulse.websocket.send_batch"
-# {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
-# stopped reading: a close frame would wait behind everything it has not taken, for ever.
-ABORT = "testpulse.websocket.abort"
+from server.transport import ABORT, SEND_BATCH
+
+__all__ = ["ABORT", "SEND_BATCH", "LeanWebSocketProtocol"]
 
 
 class _HeldWrites:

@@ -56,21 +56,43 @@ CONTRACT_ENV = {
 }
 
 
+# The stock transport (TESTPULSE_TRANSPORT=stock, server/engine.py) runs the contract on a smaller
+# matrix: SQLite only, and without the polling-to-WebSocket upgrade (python-engineio's own code).
+STOCK = "sqlite-stock"
+STOCK_SKIPS_TRANSPORTS = frozenset({"upgrade"})
+
+
 @pytest.fixture(
     scope="session",
     params=[
         pytest.param("sqlite", id="sqlite"),
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        pytest.param(STOCK, id=STOCK, marks=pytest.mark.stock),
     ],
 )
 async def node(
     request: pytest.FixtureRequest, logs_dir: Path, postgres: OnDemandPostgres
 ) -> AsyncIterator[NodeUnderTest]:
-    """The contract node, once per database backend."""
-    pg = await postgres.url() if request.param == "postgres" else None
+    """The contract node, once per database backend, and once on the stock transport."""
+    db = "sqlite" if request.param == STOCK else request.param
+    pg = await postgres.url() if db == "postgres" else None
     env = {**CONTRACT_ENV, "TESTPULSE_NODE_ID": f"contract-{request.param}"}
-    async with node_with(request.param, env, logs_dir, pg) as running:
+    if request.param == STOCK:
+        env["TESTPULSE_TRANSPORT"] = "stock"
+    async with node_with(db, env, logs_dir, pg) as running:
         yield running
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        smaller = params.get("node") == STOCK and params.get("transport") in STOCK_SKIPS_TRANSPORTS
+        (dropped if smaller else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 SECURITY_ENV = {

@@ -19,7 +19,7 @@ async def test_connection_status_is_sent_on_connect_with_the_contracts_fields(
     assert set(status) >= {"status", "sid", "node", "server_time", "protocol"}
     assert status["status"] == "connected"
     assert status["sid"] == client.sio.get_sid("/")
-    assert status["node"] == f"contract-{node.db}"
+    assert status["node"] == node.settings.node_id
     assert status["protocol"] == 1
     server_time = datetime.fromisoformat(status["server_time"].replace("Z", "+00:00"))
     assert server_time.tzinfo is not None

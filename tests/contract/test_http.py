@@ -434,3 +434,11 @@ async def test_json_body_nested_too_deeply_to_parse_is_400(http: httpx.AsyncClie
     headers = {**node.headers("detector"), "Content-Type": "application/json"}
     response = await http.post(f"/api/sessions/{session_id}/detections", headers=headers, content=body)
     assert error_of(response, 400, "bad_request").startswith("body:")
+
+
+async def test_node_info_names_the_transport_the_node_runs(http: httpx.AsyncClient, node: NodeUnderTest) -> None:
+    # `auto` is lean with the libraries this project pins (tests/unit/test_internals.py checks them).
+    expected = "stock" if node.settings.transport == "stock" else "lean"
+    response = await http.get("/metrics")
+    info = next(line for line in response.text.splitlines() if line.startswith("testpulse_node_info{"))
+    assert f'transport="{expected}"' in info, info
