@@ -129,7 +129,6 @@ SHARED: tuple[Need, ...] = (
     _call("socketio.base_manager", "BaseManager.eio_sid_from_sid", "self", "sid", "namespace"),
     _call("socketio.base_manager", "BaseManager.sid_from_eio_sid", "self", "eio_sid", "namespace"),
     _call("socketio.base_manager", "BaseManager.is_connected", "self", "sid", "namespace"),
-    _call("socketio.base_manager", "BaseManager.is_pre_connected", "self", "sid", "namespace"),
     _override("socketio.packet", "Packet.decode", "self", "encoded_packet"),
     _override("socketio.packet", "Packet.add_attachment", "self", "attachment"),
     _override(_ENGINE, "AsyncServer.generate_id", "self"),

@@ -174,7 +174,7 @@ class StockTestpulseServer(TestpulseServer):
             return
         if self.manager.is_connected(sid, "/"):
             self.on_connected(sid)
-        elif tries > 0 and self.manager.is_pre_connected(sid, "/"):
+        elif tries > 0 and self.manager.eio_sid_from_sid(sid, "/") is not None:  # still handshaking
             asyncio.get_running_loop().call_soon(self._greet, sid, tries - 1)
 
 

@@ -132,3 +132,13 @@ def test_overrides_are_validated_too() -> None:
 def test_in_memory_sqlite_is_refused_naming_the_variable(url: str) -> None:
     # A node opens several connections; each would see an empty in-memory database of its own.
     refused({"TESTPULSE_DATABASE_URL": url}, "TESTPULSE_DATABASE_URL")
+
+
+def test_transport_is_auto_by_default_and_takes_lean_or_stock_in_any_case() -> None:
+    assert Settings.from_env({}).transport == "auto"
+    assert Settings.from_env({"TESTPULSE_TRANSPORT": "Stock"}).transport == "stock"
+    assert Settings.from_env({"TESTPULSE_TRANSPORT": "lean"}).transport == "lean"
+
+
+def test_transport_refuses_anything_else() -> None:
+    assert "'auto', 'lean' or 'stock'" in refused({"TESTPULSE_TRANSPORT": "fast"}, "TESTPULSE_TRANSPORT")
