@@ -9,7 +9,8 @@
     line naming what is missing.
 Both speak the same wire protocol; what only lean has is the write deadline (a peer that stops
 reading is aborted after TESTPULSE_WRITE_TIMEOUT_SECONDS; stock leaves it to uvicorn and the PING
-timeout) and several WebSocket messages per write.
+timeout) and several WebSocket messages per write; and a malformed Engine.IO frame or long-polling
+body is python-engineio's to handle on stock (it logs a traceback; other clients are unharmed).
 """
 
 from __future__ import annotations
