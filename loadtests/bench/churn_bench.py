@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from loadtests.bench.common import DEFAULT_OUT, environment, log, save, table
+from loadtests.bench.common import DEFAULT_OUT, _fmt, environment, log, save, table
 from loadtests.bench.loadgen import Pool
 from loadtests.bench.node_bench import database_url
 from loadtests.bench.systems import SingleNode, System, load_average, token
@@ -158,7 +158,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
                 r["ok"],
                 r["failures"] or "-",
                 r["cycles_per_s"],
-                f"{r['leave_ms']['p50']}/{r['leave_ms']['p99']}",
+                "/".join(_fmt(r["leave_ms"][p]) for p in ("p50", "p99")),
                 r["leave_timeouts"],
                 b["rss_mb"],
                 a["rss_mb"],
