@@ -312,3 +312,27 @@ async def test_a_node_with_1000_clients_drains_within_its_grace_and_stores_every
 
 async def _acked_at_least(detector: Detector, count: int) -> bool:
     return len(getattr(detector, "acked", ())) >= count
+
+
+async def test_a_drain_sees_that_websocket_clients_which_read_took_everything(node: NodeUnderTest) -> None:
+    """Clients that read everything leave nothing unsent, so the drain does not spend its flush
+    budget waiting on them. The writer used to leave its end-of-stream mark counted as unsent
+    work, so every WebSocket client counted as `with packets still unsent` and the drain always
+    waited out the budget."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{node.url}/api/sessions", json={"name": "flushed"}, headers=node.headers()) as resp:
+            session_id = (await resp.json())["session"]["id"]
+        async with http.post(f"{node.url}/api/sessions/{session_id}/start", headers=node.headers()) as resp:
+            assert resp.status == 200, await resp.text()
+        clients = [await WebSocketClient.join(http, node.url, node.token("viewer"), session_id) for _ in range(20)]
+        listeners = [asyncio.create_task(c.listen()) for c in clients]
+        node.node.process.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*listeners), 30)
+    assert all(c.errors() for c in clients)
+
+    async def drained() -> bool:
+        return "drained in" in node.node.log_path.read_text()
+
+    await wait_until(drained, deadline=GRACE_SECONDS + EXIT_SLACK_SECONDS, what="the drain's log line")
+    line = re.search(r"drained in .*", node.node.log_path.read_text())
+    assert line is not None and "(0 with packets still unsent)" in line.group(0), line
