@@ -81,11 +81,15 @@ class CountingQueue(asyncio.Queue[Any]):
 
     def discard(self) -> int:
         """Drop every queued packet (a dropped slow consumer's backlog: it replays on rejoin)."""
-        dropped = 0
+        dropped, marks = 0, 0
         while not self.empty():
-            super().get_nowait()
+            if super().get_nowait() is None:
+                marks += 1  # an end-of-stream mark is not backlog: the writer still needs it
+            else:
+                dropped += 1
             self.task_done()
-            dropped += 1
+        for _ in range(marks):
+            self.put_nowait(None)
         return dropped
 
 

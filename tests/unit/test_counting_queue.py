@@ -44,3 +44,11 @@ async def test_taken_counts_what_the_consumer_took_and_discard_drops_the_rest_un
     assert queue.discard() == 3
     assert queue.empty() and queue.taken == 2
     await asyncio.wait_for(queue.join(), 1.0)  # every packet is accounted for
+
+
+def test_discard_keeps_the_end_of_stream_mark() -> None:
+    queue = CountingQueue()
+    for item in (1, 2, None):
+        queue.put_nowait(item)
+    assert queue.discard() == 2
+    assert queue.qsize() == 1 and queue.get_nowait() is None
