@@ -36,6 +36,7 @@ from redis import asyncio as aioredis
 from server import metrics
 from server.delivery import Feeds, session_room
 from server.outbox import Message, Outbox, Publisher, RepeatFilter
+from server.redis_clients import RedisClients
 from server.sessions import StoredDetection, Transition
 
 log = logging.getLogger("testpulse.broker")
@@ -149,9 +150,20 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._catch_up_pending = False
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
+        self._pubsub_client: aioredis.Redis | None = None
+        self._master_moved = False  # Sentinel named a new master: resubscribe there
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
         self.on_status: Callable[[dict[str, Any]], None] = lambda _u: None
         self.on_resubscribed: Callable[[], None] = lambda: None
+        # Our own clients, not python-socketio's: built for any accepted URL, Sentinel's included.
+        self._clients = RedisClients(
+            url,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=connect_timeout,
+            socket_keepalive=True,
+            health_check_interval=10,
+            retry_on_timeout=False,
+        )
         self.redis = self._client()
         self._sent = 0  # the number of this node's last outbox message
         self._repeats = RepeatFilter()
@@ -164,14 +176,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         )
 
     def _client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
-            self.redis_url,
-            socket_connect_timeout=self._connect_timeout,
-            socket_timeout=self._connect_timeout,
-            socket_keepalive=True,
-            health_check_interval=10,
-            retry_on_timeout=False,
-        )
+        return self._clients.new()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -194,6 +199,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._drop_pubsub()
         await self.redis.aclose()
+        await self._clients.close()
 
     # ---- health ------------------------------------------------------------------------------
 
@@ -348,6 +354,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
     async def _open_pubsub(self) -> None:
         client = self._client()
+        self._pubsub_client, self._master_moved = client, False
         self._pubsub = client.pubsub()
         self._subscribed.clear()
         self._requested = set(self._wanted)
@@ -360,16 +367,20 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        client, self._pubsub_client = self._pubsub_client, None
         self._subscribed.clear()
-        if pubsub is not None:
+        if pubsub is not None and client is not None:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
             # lands as aclose() finishes, and the listener then outlives close() (a node that never exits).
             with contextlib.suppress(Exception):  # the connection is being thrown away anyway
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()
+                    await client.aclose()
 
     async def _receive(self) -> None:
         while True:
+            if self._master_moved:
+                raise ConnectionError("Sentinel names a new Redis master: resubscribing there")
             await self._reconcile()
             # The listener sends subscriptions between reads: while joins are waiting for one it
             # reads in short slices so they go out within ~10 ms; otherwise in longer ones, so
@@ -482,6 +493,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             _CHANNELS_CONFIRMED.set(len(self._wanted & self._subscribed) if self._link_up else 0)
             if not self._link_up:
                 continue
+            if self._clients.sentinel_managed:
+                await self._follow_master()
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     await self.redis.publish(self._probe_channel, self._sign({"method": "probe"}))
@@ -489,6 +502,27 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 raise
             except Exception:  # noqa: BLE001 - a failed probe shows up as probe age
                 pass
+
+    async def _follow_master(self) -> None:
+        """Sentinel: move to a new master (see server/redis_clients.py for why the connections do
+        not by themselves). Until every node has moved, some publish on the old master and some
+        listen on the new one, so the node that moves asks every node to re-read the store: its
+        resync goes out on the new master, where the nodes that moved earlier listen."""
+        listener = self._pubsub_client
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                publisher_moved = await self._clients.master_moved(self.redis)
+                listener_moved = listener is not None and await self._clients.master_moved(listener)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Sentinels unreachable or mid-failover: ask again next tick
+            log.debug("asking the Sentinels for the master failed: %s", exc)
+            return
+        if listener_moved and listener is self._pubsub_client:
+            self._master_moved = True
+        if publisher_moved or listener_moved:
+            log.warning("Sentinel names a new Redis master; moving to it")
+            self._announce_resync()
 
 
 _KNOWN_METHODS = frozenset(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from server.urls import UrlError, normalise_database_url, normalise_redis_url
 
 DEV_JWT_SECRET = "testpulse-dev-secret-change-me-0123456789"
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -41,7 +44,10 @@ class Settings:
     jwt_leeway_seconds: float = field(default=0.0, metadata={"doc": "clock skew tolerated on `exp`, `nbf` and `iat`"})
     database_url: str = field(
         default="sqlite+aiosqlite:///./testpulse.db",
-        metadata={"doc": "SQLAlchemy async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`"},
+        metadata={
+            "doc": "`postgresql://`, `postgres://` or `postgresql+asyncpg://...`; `sqlite:///path` or"
+            " `sqlite+aiosqlite:///path` (relative to the working folder: `sqlite:///./x.db`)"
+        },
     )
     migrate_on_start: str = field(
         default="auto",
@@ -56,7 +62,11 @@ class Settings:
         default=5.0, metadata={"doc": "longest wait for one database operation before `unavailable`"}
     )
     redis_url: str | None = field(
-        default=None, metadata={"doc": "Redis URL that joins nodes into a cluster; unset runs a single node"}
+        default=None,
+        metadata={
+            "doc": "URL of the Redis that joins nodes into a cluster (`redis://`, `rediss://`, `unix://`,"
+            " `valkey://`, `valkeys://`, `redis+sentinel://host:port,.../service`); unset runs a single node"
+        },
     )
     allowed_origins: tuple[str, ...] = field(
         default=("*",),
@@ -119,6 +129,15 @@ class Settings:
     )
     log_level: str = field(default="info", metadata={"doc": "log level: debug, info, warning, error"})
 
+    def __post_init__(self) -> None:
+        # Each URL is held in the one form the code uses, however the user wrote it; a form that
+        # is not accepted stays as given, for validate() to refuse with the accepted ones listed.
+        for name, normalise in (("database_url", normalise_database_url), ("redis_url", normalise_redis_url)):
+            raw = getattr(self, name)
+            if raw is not None:
+                with contextlib.suppress(UrlError):
+                    object.__setattr__(self, name, normalise(raw.strip()))
+
     @property
     def production(self) -> bool:
         return self.env == "production"
@@ -162,13 +181,18 @@ class Settings:
                 fail("jwt_algorithms", f"{alg!r} is not supported (use {', '.join(SUPPORTED_ALGORITHMS)})")
         if len(self.jwt_secret) < 32:
             fail("jwt_secret", "must be at least 32 characters")
-        if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            fail("database_url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
-        if self.is_sqlite and (":memory:" in self.database_url or self.database_url.rstrip("/").endswith(":")):
+        for name, normalise in (("database_url", normalise_database_url), ("redis_url", normalise_redis_url)):
+            if getattr(self, name) is not None:
+                try:
+                    normalise(getattr(self, name))
+                except UrlError as exc:
+                    fail(name, str(exc))
+        in_memory = (":memory:", "mode=memory")
+        if self.is_sqlite and (
+            any(mark in self.database_url for mark in in_memory) or self.database_url.rstrip("/").endswith(":")
+        ):
             # Each connection to an in-memory SQLite is a database of its own; a node has several.
-            fail("database_url", "SQLite needs a file path, e.g. sqlite+aiosqlite:///./testpulse.db")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            fail("redis_url", "must start with redis://, rediss:// or unix://")
+            fail("database_url", "SQLite needs a file path, e.g. sqlite:///./testpulse.db")
         positive = (
             "max_payload_bytes",
             "rate_limit_per_second",

@@ -1,18 +1,13 @@
-"""SQLModel tables and the SQL implementation of SessionStore and EventLog (SQLite or PostgreSQL)."""
+"""SQLModel tables, the Database seam, and SessionStore and EventLog over it (SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
-import json
 import logging
-import queue
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -23,20 +18,15 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
-    Engine,
     Float,
     Index,
     bindparam,
-    create_engine,
-    event,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
 from server import schema
@@ -47,7 +37,6 @@ log = logging.getLogger("testpulse.store")
 
 SESSION_READ_BATCH = 500  # ids per shared session read (well under SQLite's bound-parameter limit)
 SESSION_READ_SPACING = 0.01  # seconds between the starts of shared session reads, under load
-SQLITE_READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
 T = TypeVar("T")
 
 
@@ -119,31 +108,7 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-# The same read for SQLite, in sqlite3's own terms: every join reads its session, and SQLAlchemy's
-# per-execution work (expanding the IN list, result processing) costs several times the query.
-_SQLITE_SESSIONS_BY_ID = (
-    "SELECT id, name, status, config, last_seq, created_at, updated_at FROM test_sessions WHERE id IN ({marks})"
-)
-
-
-def _sqlite_sessions_by_id(raw: sqlite3.Connection, ids: list[str]) -> list[Session]:
-    cursor = raw.execute(_SQLITE_SESSIONS_BY_ID.format(marks=",".join("?" * len(ids))), ids)
-    return [
-        Session(
-            id=session_id,
-            name=name,
-            status=Status(status),
-            config=json.loads(config) if config else {},
-            last_seq=last_seq,
-            # SQLAlchemy's SQLite DateTime stores ISO text in UTC, without a zone.
-            created_at=datetime.fromisoformat(created_at).replace(tzinfo=UTC),
-            updated_at=datetime.fromisoformat(updated_at).replace(tzinfo=UTC),
-        )
-        for session_id, name, status, config, last_seq, created_at, updated_at in cursor.fetchall()
-    ]
-
-
-def _session(row: Any) -> Session:
+def session_from_row(row: Any) -> Session:
     return Session(
         id=row.id,
         name=row.name,
@@ -171,101 +136,50 @@ def _detection(row: Any) -> StoredDetection:
 
 
 class Database:
-    """Runs units of work (functions of a SQLAlchemy Connection, one transaction each) without
-    blocking the event loop.
+    """The one seam between the store and its database: runs units of work (functions of a
+    SQLAlchemy Connection, one transaction each) without blocking the event loop.
 
-    PostgreSQL: the async engine (asyncpg) runs the function through `run_sync`, so each statement
-    awaits the socket; no thread is involved. SQLite: the function runs whole in a worker thread
-    on a synchronous engine, so a transaction costs one hop to the thread and one back, however
-    many statements it has (aiosqlite would pay a hop per statement, fetch and commit). Writes go
-    through one thread and take the write lock up front (BEGIN IMMEDIATE: two processes never
-    deadlock upgrading a read lock); reads use a few threads of their own (WAL lets them run
-    beside a writer).
+    Guarantees, whichever implementation runs them:
+    - write(work) runs `work` in one transaction that commits when it returns and rolls back if
+      it raises; a caller that stops waiting never leaves a transaction half done;
+    - read(work) runs `work` on a consistent snapshot, concurrently with writes;
+    - every operation answers within `timeout` seconds, or raises ProtocolError("unavailable"),
+      as it does for a failed database;
+    - run_ddl(work) runs in one transaction that concurrent node starts and migrations take in turn.
+
+    `Database(url)` is the implementation for the URL (the way pathlib.Path() is a PosixPath):
+    server/store_sqlite.py for `sqlite+aiosqlite://`, server/store_postgres.py for
+    `postgresql+asyncpg://`, the forms Settings normalise every accepted URL to.
     """
+
+    is_sqlite: bool
+
+    def __new__(cls, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> Database:
+        if cls is Database:
+            cls = _implementation(url)
+        return super().__new__(cls)
 
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.url = url
         self.timeout = timeout
-        self.is_sqlite = url.startswith("sqlite")
-        self._engine: AsyncEngine | None = None
-        if self.is_sqlite:
-            sync_url = url.replace("sqlite+aiosqlite://", "sqlite://", 1)
-            self._writer = self._sqlite_engine(sync_url, immediate=True)
-            self._reader = self._sqlite_engine(sync_url, immediate=False, pool_size=SQLITE_READERS)
-            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
-            self._read_threads = SqliteReaders(make_url(sync_url).database or "", timeout, SQLITE_READERS)
-        else:
-            self._engine = create_async_engine(
-                url,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_pre_ping=True,
-                pool_timeout=timeout,
-                # A node frozen inside a transaction (SIGSTOP, a partition, a stalled VM) would hold
-                # its session rows' locks, and so every other node's commits to those sessions, until
-                # it wakes. PostgreSQL ends such a session after twice the store timeout instead.
-                connect_args={"server_settings": {"idle_in_transaction_session_timeout": str(int(timeout * 2000))}},
-            )
-
-    def _sqlite_engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:
-        engine = create_engine(
-            url,
-            connect_args={"timeout": self.timeout, "check_same_thread": False},
-            pool_size=pool_size,
-            max_overflow=0,
-        )
-
-        @event.listens_for(engine, "connect")
-        def on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Hand transaction control to the "begin" hook below instead of pysqlite's own.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL survives a killed process; only an OS crash may lose the last commits.
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` in one transaction that commits when it returns and rolls back if it raises."""
-        if self._engine is not None:
-            async with self._guard(), self._engine.begin() as conn:
-                return await conn.run_sync(work)
-
-        def transaction() -> T:
-            with self._writer.begin() as conn:
-                return work(conn)
-
-        async with self._guard():
-            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
-            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
+        raise NotImplementedError
 
     async def read(self, work: Callable[[Connection], T]) -> T:
-        if self._engine is not None:
-            async with self._guard(), self._engine.connect() as conn:
-                return await conn.run_sync(work)
+        raise NotImplementedError
 
-        def transaction(_raw: sqlite3.Connection) -> T:
-            with self._reader.begin() as conn:
-                return work(conn)
+    async def read_sessions(self, ids: list[str]) -> list[Session]:
+        """The sessions among `ids` (at most SESSION_READ_BATCH), as one read: the read every join
+        makes, so each implementation does it its cheapest way."""
+        raise NotImplementedError
 
-        async with self._guard():
-            return await self._read_threads.run(transaction)
+    async def run_ddl(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one transaction, serialised with other nodes' DDL, without the store timeout."""
+        raise NotImplementedError
 
-    async def read_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """SQLite only: run `work` on a reader thread's own sqlite3 connection in autocommit mode,
-        for hot single-statement reads (a statement is its own snapshot). It skips the pool
-        checkout, BEGIN and COMMIT that cost ten times a point query, and the executor's futures."""
-        assert self.is_sqlite, "read_sqlite needs a SQLite database"
-        async with self._guard():
-            return await self._read_threads.run(work)
+    async def close(self) -> None:
+        raise NotImplementedError
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -293,89 +207,21 @@ class Database:
         """`testpulse migrate`: bring the schema to head."""
         return await self.run_ddl(schema.upgrade)
 
-    async def run_ddl(self, work: Callable[[Connection], T]) -> T:
-        def locked(conn: Connection) -> T:
-            if not self.is_sqlite:
-                # Serialises concurrent node starts and migrations; SQLite's BEGIN IMMEDIATE already does.
-                conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-            return work(conn)
-
-        if self._engine is not None:
-            async with self._engine.begin() as conn:
-                return await conn.run_sync(locked)
-
-        def transaction() -> T:
-            with self._writer.begin() as conn:
-                return locked(conn)
-
-        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
-
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(text("SELECT 1")).scalar())
 
-    async def close(self) -> None:
-        if self._engine is not None:
-            await self._engine.dispose()
-            return
-        self._write_thread.shutdown(wait=True)
-        self._read_threads.close()
-        self._writer.dispose()
-        self._reader.dispose()
 
+def _implementation(url: str) -> type[Database]:
+    # Imported here: each implementation builds on this module.
+    if url.startswith("sqlite+aiosqlite://"):
+        from server.store_sqlite import SqliteDatabase
 
-class SqliteReaders:
-    """Threads that each hold one sqlite3 connection and run read functions from one queue (a
-    function that reads through SQLAlchemy ignores the connection it is given).
+        return SqliteDatabase
+    if url.startswith("postgresql+asyncpg://"):
+        from server.store_postgres import PostgresDatabase
 
-    A job's result comes back through one call_soon_threadsafe: about half the CPU of
-    run_in_executor, whose concurrent and asyncio futures are chained for every call. A caller
-    that stops waiting (timeout, cancellation) leaves the job to finish; its result is dropped."""
-
-    def __init__(self, path: str, timeout: float, count: int) -> None:
-        self._path = path
-        self._timeout = timeout
-        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"testpulse-sqlite-read-{i}", daemon=True) for i in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def run(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, answer, work))
-        return answer
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _serve(self) -> None:
-        raw = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-        try:
-            while (job := self._jobs.get()) is not None:
-                loop, answer, work = job
-                try:
-                    outcome: tuple[Any, BaseException | None] = (work(raw), None)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
-                    outcome = (None, exc)
-                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                    loop.call_soon_threadsafe(_settle, answer, *outcome)
-        finally:
-            raw.close()
-
-
-def _settle(answer: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if answer.done():
-        return
-    if error is not None:
-        answer.set_exception(error)
-    else:
-        answer.set_result(result)
+        return PostgresDatabase
+    raise ValueError(f"no store for {url.split('://')[0]!r} URLs (Settings normalises the accepted forms)")
 
 
 class SqlStore:
@@ -441,11 +287,7 @@ class SqlStore:
                 ids = list(itertools.islice(self._wanted, SESSION_READ_BATCH))
                 waiting = {session_id: self._wanted.pop(session_id) for session_id in ids}
                 try:
-                    if self.db.is_sqlite:
-                        sessions = await self.db.read_sqlite(lambda raw, i=ids: _sqlite_sessions_by_id(raw, i))  # type: ignore[misc]
-                    else:
-                        rows = await self.db.read(lambda conn, i=ids: conn.execute(SESSIONS_BY_ID, {"ids": i}).all())  # type: ignore[misc]
-                        sessions = [_session(row) for row in rows]
+                    sessions = await self.db.read_sessions(ids)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                     for futures in waiting.values():
                         for future in futures:
@@ -465,7 +307,7 @@ class SqlStore:
         if only is not None:
             query = query.where(sessions_t.c.id.in_(sorted(only)))
         rows = await self.db.read(lambda conn: conn.execute(query).all())
-        return [_session(row) for row in rows]
+        return [session_from_row(row) for row in rows]
 
     async def change_status(
         self, session_id: str, expected: Status, target: Status, actor: str, reason: str | None
@@ -494,7 +336,7 @@ class SqlStore:
             return row
 
         row = await self.db.write(change)
-        return None if row is None else _session(row)
+        return None if row is None else session_from_row(row)
 
     async def count_by_status(self) -> dict[str, int]:
         query = select(sessions_t.c.status, func.count()).group_by(sessions_t.c.status)

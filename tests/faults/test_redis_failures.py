@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.client import detection
 from support.cluster import (
     OpenClient,
     Publisher,
@@ -14,9 +13,9 @@ from support.cluster import (
     Viewer,
     Watch,
     control_subscribers,
+    finish_publishing,
     http_status,
     redis_client,
-    stored_events,
 )
 from support.processes import RedisServer, wait_until
 
@@ -30,24 +29,6 @@ async def one_viewer_per_node(viewers: Watch, cluster: RunningCluster, session_i
 
 async def statuses(cluster: RunningCluster, path: str) -> dict[str, int | None]:
     return {n.id: await http_status(f"{n.url}{path}") for n in cluster.nodes}
-
-
-async def finish(publisher: Publisher, watching: list[Viewer], cluster: RunningCluster) -> int:
-    """Stop publishing; every viewer must then hold exactly the seqs 1..last, the same the store holds."""
-    acked = await publisher.stop()
-    assert acked == list(range(1, len(acked) + 1)), publisher.refusals
-    for viewer in watching:
-        await viewer.wait_for_seq(acked[-1], deadline=15)
-    # A fence: a duplicate of anything before it would arrive before it.
-    payload = {"session_id": publisher.session_id, **detection(0, label="fence")}
-    fence = int((await publisher.client.ok("publish_detection", payload))["seq"])
-    for viewer in watching:
-        await viewer.wait_for_seq(fence)
-        assert not viewer.problems(fence), f"{viewer.name}: {viewer.problems(fence)}; {viewer.summary()}"
-        assert not viewer.errors and not viewer.disconnects and len(viewer.joins) == 1, viewer.summary()
-    stored = [e["seq"] for e in await stored_events(cluster.proxy, cluster.headers("viewer"), publisher.session_id)]
-    assert stored == list(range(1, fence + 1))
-    return fence
 
 
 async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
@@ -91,7 +72,7 @@ async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_n
     finally:
         await publisher.stop()
     assert resumed_after <= 7
-    await finish(publisher, watching, cluster)
+    await finish_publishing(publisher, watching, cluster)
 
 
 async def test_nodes_resubscribe_within_seconds_after_client_kill_type_pubsub(
@@ -124,7 +105,7 @@ async def test_nodes_resubscribe_within_seconds_after_client_kill_type_pubsub(
     finally:
         await publisher.stop()
     assert resubscribed_after < 5
-    await finish(publisher, watching, cluster)
+    await finish_publishing(publisher, watching, cluster)
 
 
 async def test_status_changes_published_while_subscriptions_are_rebuilt_reach_every_viewer_in_order(

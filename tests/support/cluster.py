@@ -575,6 +575,25 @@ class Publisher:
         return self.acked
 
 
+async def finish_publishing(publisher: Publisher, watching: list[Viewer], cluster: RunningCluster) -> int:
+    """Stop publishing; every viewer must then hold exactly the seqs 1..last, the same the store holds,
+    without having been disconnected (a Redis fault must not move anyone); the last seq."""
+    acked = await publisher.stop()
+    assert acked == list(range(1, len(acked) + 1)), publisher.refusals
+    for viewer in watching:
+        await viewer.wait_for_seq(acked[-1], deadline=15)
+    # A fence: a duplicate of anything before it would arrive before it.
+    payload = {"session_id": publisher.session_id, **detection(0, label="fence")}
+    fence = int((await publisher.client.ok("publish_detection", payload))["seq"])
+    for viewer in watching:
+        await viewer.wait_for_seq(fence)
+        assert not viewer.problems(fence), f"{viewer.name}: {viewer.problems(fence)}; {viewer.summary()}"
+        assert not viewer.errors and not viewer.disconnects and len(viewer.joins) == 1, viewer.summary()
+    stored = [e["seq"] for e in await stored_events(cluster.proxy, cluster.headers("viewer"), publisher.session_id)]
+    assert stored == list(range(1, fence + 1))
+    return fence
+
+
 # ---- Redis -------------------------------------------------------------------------------------
 
 

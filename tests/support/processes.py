@@ -414,6 +414,7 @@ class RedisServer:
     workdir: Path
     process: Process | None = None
     starts: int = 0
+    extra_args: tuple[str, ...] = ()  # e.g. ("--replicaof", host, port)
 
     @property
     def url(self) -> str:
@@ -441,6 +442,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.workdir,
+                *self.extra_args,
             ],
             log_path=self.workdir / "redis.log",
         )

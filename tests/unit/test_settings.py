@@ -80,7 +80,7 @@ def test_environment_name_is_case_insensitive_and_checked() -> None:
         ("TESTPULSE_JWT_ALGORITHMS", "none"),
         ("TESTPULSE_JWT_ALGORITHMS", ","),
         ("TESTPULSE_DATABASE_URL", "mysql://db/x"),
-        ("TESTPULSE_DATABASE_URL", "sqlite:///plain-driver.db"),
+        ("TESTPULSE_DATABASE_URL", "sqlite+pysqlite:///sync-driver.db"),
         ("TESTPULSE_REDIS_URL", "http://localhost:6379"),
         ("TESTPULSE_LOG_LEVEL", "verbose"),
         ("TESTPULSE_NODE_ID", "n" * 65),

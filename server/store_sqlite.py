@@ -1,0 +1,186 @@
+"""The Database seam on SQLite: each unit of work runs whole in a thread of its own, on a synchronous engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from server.sessions import Session, Status
+from server.store import Database
+
+T = TypeVar("T")
+READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
+
+
+class SqliteDatabase(Database):
+    """A transaction costs one hop to its thread and one back, however many statements it has
+    (aiosqlite would pay a hop per statement, fetch and commit). Writes go through one thread and
+    take the write lock up front (BEGIN IMMEDIATE: two processes never deadlock upgrading a read
+    lock, and concurrent DDL takes its turn); reads use a few threads of their own (WAL lets them
+    run beside a writer)."""
+
+    is_sqlite = True
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        super().__init__(url, pool_size=pool_size, timeout=timeout)
+        sync_url = url.replace("sqlite+aiosqlite://", "sqlite://", 1)
+        self._writer = self._engine(sync_url, immediate=True)
+        self._reader = self._engine(sync_url, immediate=False, pool_size=READERS)
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
+        self._read_threads = SqliteReaders(make_url(sync_url).database or "", timeout, READERS)
+
+    def _engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:
+        engine = create_engine(
+            url,
+            connect_args={"timeout": self.timeout, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=0,
+        )
+
+        @event.listens_for(engine, "connect")
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Hand transaction control to the "begin" hook below instead of pysqlite's own.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL survives a killed process; only an OS crash may lose the last commits.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        def transaction() -> T:
+            with self._writer.begin() as conn:
+                return work(conn)
+
+        async with self._guard():
+            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        def transaction(_raw: sqlite3.Connection) -> T:
+            with self._reader.begin() as conn:
+                return work(conn)
+
+        async with self._guard():
+            return await self._read_threads.run(transaction)
+
+    async def read_sessions(self, ids: list[str]) -> list[Session]:
+        return await self.read_raw(lambda raw: _sessions_by_id(raw, ids))
+
+    async def read_raw(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on a reader thread's own sqlite3 connection in autocommit mode, for hot
+        single-statement reads (a statement is its own snapshot). It skips the pool checkout,
+        BEGIN and COMMIT that cost ten times a point query, and the executor's futures."""
+        async with self._guard():
+            return await self._read_threads.run(work)
+
+    async def run_ddl(self, work: Callable[[Connection], T]) -> T:
+        def transaction() -> T:
+            with self._writer.begin() as conn:
+                return work(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
+
+    async def close(self) -> None:
+        self._write_thread.shutdown(wait=True)
+        self._read_threads.close()
+        self._writer.dispose()
+        self._reader.dispose()
+
+
+# The sessions-by-id read in sqlite3's own terms: every join reads its session, and SQLAlchemy's
+# per-execution work (expanding the IN list, result processing) costs several times the query.
+SESSIONS_BY_ID_SQL = (
+    "SELECT id, name, status, config, last_seq, created_at, updated_at FROM test_sessions WHERE id IN ({marks})"
+)
+
+
+def _sessions_by_id(raw: sqlite3.Connection, ids: list[str]) -> list[Session]:
+    cursor = raw.execute(SESSIONS_BY_ID_SQL.format(marks=",".join("?" * len(ids))), ids)
+    return [
+        Session(
+            id=session_id,
+            name=name,
+            status=Status(status),
+            config=json.loads(config) if config else {},
+            last_seq=last_seq,
+            # SQLAlchemy's SQLite DateTime stores ISO text in UTC, without a zone.
+            created_at=datetime.fromisoformat(created_at).replace(tzinfo=UTC),
+            updated_at=datetime.fromisoformat(updated_at).replace(tzinfo=UTC),
+        )
+        for session_id, name, status, config, last_seq, created_at, updated_at in cursor.fetchall()
+    ]
+
+
+class SqliteReaders:
+    """Threads that each hold one sqlite3 connection and run read functions from one queue (a
+    function that reads through SQLAlchemy ignores the connection it is given).
+
+    A job's result comes back through one call_soon_threadsafe: about half the CPU of
+    run_in_executor, whose concurrent and asyncio futures are chained for every call. A caller
+    that stops waiting (timeout, cancellation) leaves the job to finish; its result is dropped."""
+
+    def __init__(self, path: str, timeout: float, count: int) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"testpulse-sqlite-read-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, answer, work))
+        return answer
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        raw = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+        try:
+            while (job := self._jobs.get()) is not None:
+                loop, answer, work = job
+                try:
+                    outcome: tuple[Any, BaseException | None] = (work(raw), None)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+                    outcome = (None, exc)
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                    loop.call_soon_threadsafe(_settle, answer, *outcome)
+        finally:
+            raw.close()
+
+
+def _settle(answer: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)

@@ -1,0 +1,128 @@
+"""The database and Redis URL forms users have, each turned into the one form the code uses.
+
+Pure string work (no driver is imported), so Settings can normalise and refuse at start-up with a
+message that lists what is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+DATABASE_FORMS = (
+    "postgresql://",
+    "postgres://",
+    "postgresql+asyncpg://",
+    "sqlite:///path",
+    "sqlite+aiosqlite:///path",
+)
+REDIS_FORMS = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "valkey://",
+    "valkeys://",
+    "redis+sentinel://",
+    "valkey+sentinel://",
+)
+SENTINEL_SHAPE = "redis+sentinel://[[user]:password@]host:port[,host:port...]/[db/]service_name"
+
+_POSTGRES_SCHEMES = ("postgresql+asyncpg", "postgresql", "postgres")
+_SQLITE_SCHEMES = ("sqlite+aiosqlite", "sqlite")
+# valkey speaks the Redis protocol: the redis client serves it once the scheme says redis.
+_REDIS_SCHEMES = {"redis": "redis", "rediss": "rediss", "unix": "unix", "valkey": "redis", "valkeys": "rediss"}
+_SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
+
+
+class UrlError(ValueError):
+    """A URL in a form testpulse does not take; the message says which forms it does take."""
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _rest(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def normalise_database_url(url: str) -> str:
+    """`postgresql+asyncpg://...` or `sqlite+aiosqlite:///path`, the drivers the store runs on."""
+    scheme = _scheme(url)
+    if scheme in _POSTGRES_SCHEMES:
+        return "postgresql+asyncpg://" + _asyncpg_query(_rest(url))
+    if scheme in _SQLITE_SCHEMES:
+        return "sqlite+aiosqlite://" + _rest(url)
+    raise UrlError(f"{_shown(url)} is not a database URL testpulse takes; use one of {', '.join(DATABASE_FORMS)}")
+
+
+def _asyncpg_query(rest: str) -> str:
+    """libpq's `sslmode` (in the URLs hosting platforms hand out) is asyncpg's `ssl`, same values."""
+    if "?" not in rest:
+        return rest
+    base, query = rest.split("?", 1)
+    pairs = [("ssl" if key == "sslmode" else key, value) for key, value in parse_qsl(query, keep_blank_values=True)]
+    return f"{base}?{urlencode(pairs)}"
+
+
+def normalise_redis_url(url: str) -> str:
+    """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`: valkey schemes become their redis twins."""
+    scheme = _scheme(url)
+    if scheme in _REDIS_SCHEMES:
+        return f"{_REDIS_SCHEMES[scheme]}://{_rest(url)}"
+    if scheme in _SENTINEL_SCHEMES:
+        normal = "redis+sentinel://" + _rest(url)
+        parse_sentinel_url(normal)  # refuse a malformed one now, not at the first connection
+        return normal
+    raise UrlError(f"{_shown(url)} is not a Redis URL testpulse takes; use one of {', '.join(REDIS_FORMS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """Where the Sentinels are, which master they watch, and how to log in to that master."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """python-socketio's form, `redis+sentinel://[:password@]host:port,.../db/service_name`; the
+    db may be left out (`.../service_name`) or come after the service (`.../service_name/db`).
+    Unlike python-socketio, which then falls back to its channel's name, the service is required:
+    a Sentinel asked for a master it does not watch only answers "no such master"."""
+    if _scheme(url) not in _SENTINEL_SCHEMES:
+        raise UrlError(f"{_shown(url)} is not a Sentinel URL; the form is {SENTINEL_SHAPE}")
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for host_port in hosts.split(","):
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            raise UrlError(f"Sentinel address {host_port!r} needs host:port; the form is {SENTINEL_SHAPE}")
+        sentinels.append((host.strip("[]"), int(port)))
+    segments = [segment for segment in parts.path.split("/") if segment]
+    numbers = [segment for segment in segments if segment.isdigit()]
+    names = [segment for segment in segments if not segment.isdigit()]
+    if len(names) != 1 or len(numbers) > 1:
+        raise UrlError(f"{_shown(url)} must name one Sentinel service (the master's name): {SENTINEL_SHAPE}")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    return SentinelTarget(
+        sentinels=tuple(sentinels),
+        service_name=unquote(names[0]),
+        db=int(numbers[0]) if numbers else 0,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for an error message that may end up in a log."""
+    if "://" not in url or "@" not in url:
+        return repr(url)
+    scheme, rest = url.split("://", 1)
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.partition(":")[0]
+    return repr(f"{scheme}://{user}:***@{location}" if ":" in credentials else url)
