@@ -34,7 +34,7 @@ from server import metrics
 from server.ordering import Ordering, check_last_seq
 from server.protocol import ErrorCode, ProtocolError
 from server.sessions import EventLog, Session, StatusHistory, StoredDetection, iso
-from server.status_trail import StatusTrail, Verdict
+from server.status_trail import StatusTrail, Verdict, replay_for
 
 log = logging.getLogger("testpulse.delivery")
 
@@ -146,9 +146,12 @@ class Feeds:
     def sessions_of(self, sid: str) -> set[str]:
         return set(self._memberships.get(sid, ()))
 
-    async def join(self, sid: str, session: Session, last_seq: int | None, batch_ms: int = 0) -> int:
-        """Replay detections after `last_seq` (none when it is None), then go live. Returns the
-        number replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
+    async def join(
+        self, sid: str, session: Session, last_seq: int | None, batch_ms: int = 0, status_since: str | None = None
+    ) -> int:
+        """Replay the status changes after `status_since` (none when it is None) and the detections
+        after `last_seq` (none when it is None), then go live. Returns the number of detections
+        replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
         check_last_seq(last_seq, session.last_seq)
         joined = self._memberships.get(sid)
         if joined is None:
@@ -159,6 +162,12 @@ class Feeds:
         feed = self._feed(session)
         feed.joining += 1
         try:
+            if status_since is not None:
+                async with self._reads:
+                    transitions = await self._history.transitions(session.id)
+                current = (session.status.value, iso(session.updated_at))
+                for update in replay_for(transitions, status_since, current):
+                    self._send(socket, "test_session_update", update)
             replay = feed.order.replay(last_seq)
             replayed = 0
             while (read := replay.next_read(self._page)) is not None:

@@ -6,6 +6,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeGuard
 
 PROTOCOL_VERSION = 1
@@ -17,6 +18,7 @@ DETECTION_ID_MAX = 64
 JSON_OBJECT_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
 BATCH_WINDOW_MAX_MS = 1000
+ISO_TIME_MAX = 64
 
 
 class ErrorCode(enum.StrEnum):
@@ -163,6 +165,9 @@ class JoinRequest:
     last_seq: int | None
     # Extension: 1..1000 asks for `detection_batch` events at most every batch_ms milliseconds.
     batch_ms: int = 0
+    # Extension: the `updated_at` of the last status change the client saw; the node sends the
+    # `test_session_update`s committed after it (the ones a client that was away missed).
+    status_since: str | None = None
 
     @classmethod
     def parse(cls, payload: object) -> JoinRequest:
@@ -175,7 +180,13 @@ class JoinRequest:
             batch_ms = 0
         if not _is_int(batch_ms) or not 0 <= batch_ms <= BATCH_WINDOW_MAX_MS:
             raise bad("batch_ms", f"must be an integer from 0 to {BATCH_WINDOW_MAX_MS}")
-        return cls(session_id_field(data), last_seq, batch_ms)
+        status_since = _optional_str(data, "status_since", ISO_TIME_MAX)
+        if status_since is not None:
+            try:
+                datetime.fromisoformat(status_since.replace("Z", "+00:00"))
+            except ValueError:
+                raise bad("status_since", "must be an ISO 8601 time (a status update's updated_at)") from None
+        return cls(session_id_field(data), last_seq, batch_ms, status_since)
 
 
 @dataclass(frozen=True, slots=True)

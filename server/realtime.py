@@ -266,9 +266,10 @@ class Realtime:
         metrics.SERVER_DISCONNECTS.labels(reason.label).inc()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
-        if socket is not None and reason is disconnects.SLOW_CONSUMER:
-            # Its backlog is what overflowed; the client replays it on rejoin. Without it the
-            # error reaches the client now, not after thousands of packets it is not taking.
+        if socket is not None and not reason.sends_disconnect_packet:
+            # The client comes back and rejoins with last_seq, so its backlog is replayed then. Without
+            # it the error reaches the client now: not after thousands of packets a slow consumer is
+            # not taking, and not behind a backlog a long-poll (16 packets a GET) would never finish.
             socket.queue.discard()
         # Queued straight on the socket, with no suspension before the close below: a long-poll
         # that is held now must leave with the error and the CLOSE packet together.
@@ -368,7 +369,7 @@ class Realtime:
         await self.sio.enter_room(sid, room)
         try:
             session = await self.hub.get(conn.principal, req.session_id)
-            replayed = await self.feeds.join(sid, session, req.last_seq, req.batch_ms)
+            replayed = await self.feeds.join(sid, session, req.last_seq, req.batch_ms, req.status_since)
         except ProtocolError:
             if req.session_id not in self.feeds.sessions_of(sid):
                 await self.sio.leave_room(sid, room)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 HISTORY_MAX = 32  # delivered updates remembered per session, to recognise late or re-sent ones
@@ -85,3 +86,21 @@ class StatusTrail:
             last["previous_status"] = self.status
             return [last]
         return []
+
+
+def replay_for(transitions: Iterable[Mapping[str, Any]], since: str, current: tuple[str, str]) -> list[dict[str, Any]]:
+    """What a client that last saw the change at `since` (its `updated_at`) missed, from a session's
+    audit trail (oldest first), up to and including the change `current` (status, updated_at) that
+    its join read; what came later reaches it live. `since` is normally a time this node sent; any
+    other time picks the changes after it."""
+    trail = list(transitions)
+    start = next((i + 1 for i in range(len(trail) - 1, -1, -1) if trail[i].get("updated_at") == since), None)
+    if start is None:
+        moment = _time(since)
+        start = next((i for i, u in enumerate(trail) if _time(str(u.get("updated_at"))) > moment), len(trail))
+    end = next((i + 1 for i in range(len(trail) - 1, -1, -1) if _key(trail[i]) == current), len(trail))
+    return [dict(u) for u in trail[start:end]]
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

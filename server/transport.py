@@ -37,7 +37,11 @@ _PING = packet.Packet(packet.PING)
 
 class PacketQueue:
     """The subset of asyncio.Queue that Engine.IO sockets and the delivery feeds use, for one
-    consumer at a time (a socket's writer, or its one pending long-poll)."""
+    consumer at a time (a socket's writer, or its one pending long-poll).
+
+    None is the end-of-stream mark, not a packet: join() does not wait for it to be taken (a
+    writer that has ended leaves the marks put after its own), and consumers call task_done()
+    for packets only."""
 
     __slots__ = ("_getter", "_idle", "_items", "_unfinished", "taken")
 
@@ -61,7 +65,8 @@ class PacketQueue:
         if self._items is None:
             self._items = deque()
         self._items.append(item)
-        self._unfinished += 1
+        if item is not None:
+            self._unfinished += 1
         getter = self._getter
         if getter is not None:
             self._getter = None
@@ -95,7 +100,7 @@ class PacketQueue:
 
     def discard(self) -> int:
         """Drop every queued packet (a dropped slow consumer's backlog: it replays on rejoin)."""
-        dropped = self.qsize()
+        dropped = sum(1 for item in self._items or () if item is not None)
         self._items = None
         for _ in range(dropped):
             self.task_done()
@@ -149,17 +154,17 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                     raise engineio.exceptions.QueueEmpty() from None
         else:
             first = self.queue.get_nowait()
-        self.queue.task_done()
         if first is None:
             return []
+        self.queue.task_done()
         limit = WRITE_PACKETS_MAX if self.upgraded else POLL_PACKETS_MAX
         packets = [first]
         while len(packets) < limit and not self.queue.empty():
             pkt = self.queue.get_nowait()
-            self.queue.task_done()
             if pkt is None:
                 self.queue.put_nowait(None)
                 break
+            self.queue.task_done()
             packets.append(pkt)
         return packets
 

@@ -1,4 +1,4 @@
-"""`python -m loadtests.bench node|cluster`: benchmark commands (see loadtests/README.md)."""
+"""`python -m loadtests.bench node|cluster|churn`: benchmark commands (see loadtests/README.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from loadtests.bench import cluster_bench, node_bench
+from loadtests.bench import churn_bench, cluster_bench, node_bench
 from loadtests.bench.loadgen import install_uvloop, raise_fd_limit
 
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     node_bench.register(commands)
     cluster_bench.register(commands)
+    churn_bench.register(commands)
     args = parser.parse_args(argv)
     raise_fd_limit()
     install_uvloop()

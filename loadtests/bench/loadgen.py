@@ -13,7 +13,16 @@ from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
-from loadtests.bench.wire import Receiver, ViewerState, WireClient, WireError, http_session, merge_sparse
+from loadtests.bench.wire import (
+    Receiver,
+    ViewerState,
+    WireClient,
+    WireError,
+    http_session,
+    merge_sparse,
+    percentiles,
+    sparse_from_values,
+)
 
 
 def raise_fd_limit() -> None:
@@ -95,6 +104,69 @@ class _Worker:
             "ok": len(latencies),
             "failures": dict(failures),
             "latencies": latencies,
+            "started_at": started_at,
+            "finished_at": time.time(),
+        }
+
+    async def churn(
+        self,
+        url: str,
+        transport: str,
+        tokens: list[str],
+        session: str,
+        cycles: int,
+        leave_timeout: float,
+        within: float,
+    ) -> dict[str, Any]:
+        """`cycles` connect-join-leave cycles of python-socketio's own AsyncClient (a real client:
+        its disconnect sends Socket.IO's DISCONNECT and Engine.IO's CLOSE, then waits for its read
+        loop, which over long-polling means the held GET), one lane per token in flight."""
+        import socketio
+
+        remaining = iter(range(cycles))
+        joins: list[float] = []
+        leaves: list[float] = []
+        failures: Counter[str] = Counter()
+        leave_timeouts = 0
+
+        async def cycle(token: str) -> None:
+            nonlocal leave_timeouts
+            sio = socketio.AsyncClient(reconnection=False, handle_sigint=False, http_session=self.http)
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(within):
+                    await sio.connect(url, auth={"token": token}, transports=[transport], wait_timeout=within)
+                    answer = await sio.call("join_session", {"session_id": session}, timeout=within)
+                if not (isinstance(answer, dict) and answer.get("ok")):
+                    error = answer.get("error", {}) if isinstance(answer, dict) else {}
+                    failures[f"join_{error.get('code', 'failed')}"] += 1
+                else:
+                    joins.append((time.perf_counter() - started) * 1000.0)
+            except TimeoutError:
+                failures["timeout"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted by kind; the run goes on
+                failures[type(exc).__name__] += 1
+            left = time.perf_counter()
+            try:
+                await asyncio.wait_for(sio.disconnect(), leave_timeout)
+                leaves.append((time.perf_counter() - left) * 1000.0)
+            except TimeoutError:
+                # The client gave up waiting for its held GET (cancelled, so its TCP connection
+                # closes); what the server still holds of it is what the RSS shows.
+                leave_timeouts += 1
+
+        async def lane(token: str) -> None:
+            for _ in remaining:
+                await cycle(token)
+
+        started_at = time.time()
+        await asyncio.gather(*(lane(token) for token in tokens))
+        return {
+            "ok": len(joins),
+            "failures": dict(failures),
+            "leave_hist": sparse_from_values(leaves),
+            "join_hist": sparse_from_values(joins),
+            "leave_timeouts": leave_timeouts,
             "started_at": started_at,
             "finished_at": time.time(),
         }
@@ -198,6 +270,47 @@ class Pool:
             "ok": sum(a["ok"] for a in answers),
             "failures": dict(failures),
             "latencies": latencies,
+            "started_at": min(a["started_at"] for a in answers),
+            "finished_at": max(a["finished_at"] for a in answers),
+        }
+
+    async def churn(
+        self,
+        url: str,
+        transport: str,
+        tokens: list[str],
+        session: str,
+        cycles: int,
+        leave_timeout: float,
+        within: float = 30.0,
+    ) -> dict[str, Any]:
+        """Spread the cycles and the lanes (one per token) over the workers; all start at once."""
+        n = len(self.pipes)
+        commands = [
+            {
+                "op": "churn",
+                "url": url,
+                "transport": transport,
+                "tokens": tokens[i::n],
+                "session": session,
+                "cycles": cycles // n + (1 if i < cycles % n else 0),
+                "leave_timeout": leave_timeout,
+                "within": within,
+            }
+            for i in range(n)
+        ]
+        answers = await self._ask(commands)
+        failures: Counter[str] = Counter()
+        for answer in answers:
+            failures.update(answer["failures"])
+        joins = merge_sparse(a["join_hist"] for a in answers)
+        leaves = merge_sparse(a["leave_hist"] for a in answers)
+        return {
+            "ok": sum(a["ok"] for a in answers),
+            "failures": dict(failures),
+            "join_ms": percentiles(joins),
+            "leave_ms": percentiles(leaves),
+            "leave_timeouts": sum(a["leave_timeouts"] for a in answers),
             "started_at": min(a["started_at"] for a in answers),
             "finished_at": max(a["finished_at"] for a in answers),
         }

@@ -197,8 +197,15 @@ class System:
 class SingleNode(System):
     """One testpulse node (`python -m server serve`) without Redis, on SQLite or a given database."""
 
-    def __init__(self, database_url: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, database_url: str | None = None, env: dict[str, str] | None = None, server_repo: Path | None = None
+    ) -> None:
+        """`server_repo`: run the node from another checkout with its own .venv (an older commit,
+        for a before/after comparison); by default this repo's interpreter and code."""
         self.dir = Path(tempfile.mkdtemp(prefix="testpulse-bench-node-"))
+        repo = server_repo or REPO_ROOT
+        python = str(repo / ".venv" / "bin" / "python") if server_repo is not None else sys.executable
+        self.server_repo = repo
         self.database_url = database_url or sqlite_url(self.dir)
         self.port = free_port()
         self.node_urls = {"node1": f"http://127.0.0.1:{self.port}"}
@@ -213,12 +220,12 @@ class SingleNode(System):
         self.log_path = self.dir / "node1.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=full_env,
-                cwd=REPO_ROOT,
+                cwd=repo,
                 preexec_fn=_die_with_parent,
             )
         try:
@@ -231,7 +238,10 @@ class SingleNode(System):
         return {"node1": self.proc.pid}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "database": self.database_url.split("@")[-1], "log": str(self.log_path)}
+        described = {**super().describe(), "database": self.database_url.split("@")[-1], "log": str(self.log_path)}
+        if self.server_repo != REPO_ROOT:
+            described["server_repo"] = str(self.server_repo)
+        return described
 
     def stop(self) -> None:
         if self.proc.poll() is None:

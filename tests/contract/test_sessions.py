@@ -362,3 +362,37 @@ async def test_every_state_change_leaves_an_audit_row(node: NodeUnderTest, conne
     ]
     assert {r["actor"] for r in rows} == {"auditor-1"}
     assert rows[-1]["reason"] == "finished early"
+
+
+async def test_a_rejoin_with_status_since_replays_the_status_changes_the_client_missed(
+    node: NodeUnderTest, connect: Connect
+) -> None:
+    """Extension: a viewer that was away while the session was paused and resumed gets each change
+    it missed on rejoin, in order, before its ack; the ack's session is the last of them."""
+    operator = await connect(node, "operator")
+    session_id = (await operator.start_session())["id"]
+    viewer = await connect(node, "viewer")
+    seen = (await viewer.ok("join_session", {"session_id": session_id}))["session"]["updated_at"]
+    await viewer.disconnect()
+    for verb in ("pause", "resume", "pause"):
+        await operator.ok(f"{verb}_test_session", {"session_id": session_id})
+    back = await connect(node, "viewer")
+    ack = await back.ok("join_session", {"session_id": session_id, "last_seq": 0, "status_since": seen})
+    updates = back.updates(session_id)
+    assert [(u["previous_status"], u["status"]) for u in updates] == [
+        ("running", "paused"),
+        ("paused", "running"),
+        ("running", "paused"),
+    ]
+    assert updates[-1]["updated_at"] == ack["session"]["updated_at"]
+    again = await connect(node, "viewer")
+    await again.ok("join_session", {"session_id": session_id, "status_since": ack["session"]["updated_at"]})
+    assert again.updates(session_id) == [], "a client that is up to date is sent nothing"
+
+
+@pytest.mark.parametrize("bad", ["yesterday", 12, "x" * 65])
+async def test_status_since_must_be_an_iso_time(node: NodeUnderTest, connect: Connect, bad: Any) -> None:
+    operator = await connect(node, "operator")
+    session_id = (await operator.start_session())["id"]
+    error = await operator.refused("join_session", {"session_id": session_id, "status_since": bad})
+    assert error["code"] == "bad_request" and "status_since" in error["message"], error

@@ -57,6 +57,7 @@ class Viewer {
     this.duplicates = 0;
     this.disorder = 0;
     this.statuses = [];
+    this.statusAt = null; // updated_at of the latest status change held: what a rejoin asks to continue from
     this.errors = [];
     this.disconnects = [];
     this.connectErrors = [];
@@ -75,7 +76,10 @@ class Viewer {
     s.on("connection_status", (d) => this.nodes.push(String(d && d.node)));
     s.on("detection_event", (d) => this.onDetection(d));
     s.on("test_session_update", (d) => {
-      if (d && d.session_id === this.sessionId) this.statuses.push(d.status);
+      if (d && d.session_id === this.sessionId) {
+        this.statuses.push(d.status);
+        this.holdStatusAt(d.updated_at);
+      }
     });
     s.on("error", (d) => this.errors.push({ at: now(), code: d && d.code, reconnect: d && d.reconnect, message: d && d.message }));
     s.on("disconnect", (reason) => this.disconnects.push({ at: now(), reason: String(reason) }));
@@ -92,6 +96,11 @@ class Viewer {
     if (seq > this.last) this.last = seq;
   }
 
+  holdStatusAt(at) {
+    // ISO 8601 times in the node's one format compare as strings.
+    if (typeof at === "string" && (this.statusAt === null || at > this.statusAt)) this.statusAt = at;
+  }
+
   // A join is part of the application's protocol (rejoin with last_seq on every connect); a join
   // whose ack does not come is asked again on the same connection, never by reconnecting.
   async join(connectionId) {
@@ -99,8 +108,11 @@ class Viewer {
     while (s.connected && s.id === connectionId) {
       const lastSeq = this.last;
       try {
-        const ack = await s.timeout(this.ackTimeout).emitWithAck("join_session", { session_id: this.sessionId, last_seq: lastSeq });
+        const request = { session_id: this.sessionId, last_seq: lastSeq };
+        if (this.statusAt !== null) request.status_since = this.statusAt;
+        const ack = await s.timeout(this.ackTimeout).emitWithAck("join_session", request);
         if (ack && ack.ok) {
+          if (ack.session) this.holdStatusAt(ack.session.updated_at);
           const status = ack.session ? ack.session.status : null;
           this.joins.push({ at: now(), last_seq: lastSeq, replayed: ack.replayed, status, node: this.nodes[this.nodes.length - 1] });
           return;

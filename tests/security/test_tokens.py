@@ -20,8 +20,10 @@ OTHER_SECRET = "not-the-nodes-secret-0123456789abcdefghijklmnopqrstuvwxyz-012345
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
+    # Built when the module is collected, possibly many minutes before the test runs: a day of
+    # validity keeps a token that must be refused for another reason from expiring first.
     now = int(time.time())
-    body: dict[str, Any] = {"sub": "mallory", "role": "admin", "iat": now, "exp": now + 300, "aud": AUDIENCE}
+    body: dict[str, Any] = {"sub": "mallory", "role": "admin", "iat": now, "exp": now + 86_400, "aud": AUDIENCE}
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not ...}
 

@@ -361,6 +361,7 @@ class Viewer:
         self.seqs: list[int] = []
         self.labels: dict[int, str] = {}
         self.updates: list[dict[str, Any]] = []
+        self.status_at: str | None = None  # updated_at of the latest status change held
         self.errors: list[dict[str, Any]] = []
         self.nodes: list[str] = []  # the node of each joined connection, in order
         self.joins: list[Join] = []
@@ -433,6 +434,7 @@ class Viewer:
         def on_update(data: Any) -> None:
             if isinstance(data, dict) and data.get("session_id") == self.session_id:
                 self.updates.append(data)
+                self._hold_status_at(data.get("updated_at"))
                 self._changed.set()
 
         def on_error(data: Any) -> None:
@@ -451,19 +453,26 @@ class Viewer:
         sio.on("disconnect", on_disconnect)
         return sio
 
+    def _hold_status_at(self, at: Any) -> None:
+        # The node writes every time in one ISO 8601 format, so they compare as strings.
+        if isinstance(at, str) and (self.status_at is None or at > self.status_at):
+            self.status_at = at
+
     async def _join(self, connection: int) -> None:
         """Join with last_seq while this connection lasts."""
         # `namespaces`, not `connected`: python-socketio sets the latter only once connect() returns.
         while connection == self._connection and "/" in self._sio.namespaces:
             last_seq = self.last_seq
+            request: dict[str, Any] = {"session_id": self.session_id, "last_seq": last_seq}
+            if self.status_at is not None:
+                request["status_since"] = self.status_at  # the status changes missed while away come too
             try:
-                ack = await self._sio.call(
-                    "join_session", {"session_id": self.session_id, "last_seq": last_seq}, timeout=5
-                )
+                ack = await self._sio.call("join_session", request, timeout=5)
             except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError) as exc:
                 self.failures.append(f"join: {type(exc).__name__}")
                 continue
             if isinstance(ack, dict) and ack.get("ok"):
+                self._hold_status_at(ack.get("session", {}).get("updated_at"))
                 with contextlib.suppress(AssertionError):
                     await self.wait_for(lambda: self._node_now, deadline=5.0, what="connection_status")
                 self.nodes.append(self._node_now or "?")

@@ -74,3 +74,24 @@ async def test_join_waits_until_every_item_is_done() -> None:
     queue.get_nowait()
     queue.task_done()
     await asyncio.wait_for(joined, 1)
+
+
+async def test_join_does_not_wait_for_end_of_stream_marks() -> None:
+    """A WebSocket writer ends at the first None and leaves the marks put after it; a drain
+    waiting in join() for them would always wait out its budget."""
+    queue = PacketQueue()
+    for item in ("a", None, None):
+        queue.put_nowait(item)
+    assert queue.get_nowait() == "a"
+    queue.task_done()
+    assert queue.get_nowait() is None  # consumers take a mark without task_done()
+    await asyncio.wait_for(queue.join(), 1)
+    assert not queue.empty()  # the second mark is still there for the next consumer
+
+
+async def test_discard_counts_the_packets_it_drops_not_the_marks() -> None:
+    queue = PacketQueue()
+    for item in ("a", "b", None):
+        queue.put_nowait(item)
+    assert queue.discard() == 2
+    await asyncio.wait_for(queue.join(), 1)

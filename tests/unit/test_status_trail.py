@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.status_trail import HISTORY_MAX, StatusTrail, Verdict
+from server.status_trail import HISTORY_MAX, StatusTrail, Verdict, replay_for
 
 pytestmark = pytest.mark.unit
 
@@ -81,3 +81,18 @@ def test_a_state_older_than_the_history_is_unknown() -> None:
 
 def test_a_state_the_node_never_delivered_is_unknown() -> None:
     assert trail_at(START).since("paused", "t2") is None
+
+
+def test_a_rejoining_client_gets_the_changes_after_the_one_it_saw_up_to_what_its_join_read() -> None:
+    trail = [START, PAUSE, RESUME, STOP]
+    assert replay_for(trail, "t1", ("running", "t3")) == [PAUSE, RESUME]
+    assert replay_for(trail, "t3", ("running", "t3")) == []
+
+
+def test_a_time_the_node_never_sent_picks_the_changes_after_it() -> None:
+    trail = [
+        update("created", "running", "2026-01-01T00:00:01.000Z"),
+        update("running", "paused", "2026-01-01T00:00:03.000Z"),
+    ]
+    assert replay_for(trail, "2026-01-01T00:00:02.000Z", ("paused", "2026-01-01T00:00:03.000Z")) == [trail[1]]
+    assert replay_for(trail, "2026-01-01T00:00:05+00:00", ("paused", "2026-01-01T00:00:03.000Z")) == []
