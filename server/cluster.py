@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.resources
 import json
 import os
 import re
@@ -21,9 +22,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NGINX_CONF = REPO_ROOT / "nginx.conf"
-PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+# Copies of the repository's nginx.conf and deploy/prometheus/ ship inside the package, so that an
+# installed wheel runs the cluster from any folder; tests/unit/test_bundled_data.py keeps them identical.
+BUNDLED = importlib.resources.files("server") / "data"
+NGINX_CONF = BUNDLED / "nginx.conf"
+PROMETHEUS_DIR = BUNDLED / "prometheus"
 PROXY_FAIL_TIMEOUT_SECONDS = 5  # nginx.conf: `max_fails=1 fail_timeout=5s` on every node
 NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
 PR_SET_PDEATHSIG = 1
@@ -264,7 +267,7 @@ class Cluster:
         if count != 1:
             raise ClusterError("deploy/prometheus/prometheus.yml: expected one static target list")
         (folder / "prometheus.yml").write_text(config)
-        shutil.copy(PROMETHEUS_DIR / "alerts.yml", folder / "alerts.yml")
+        (folder / "alerts.yml").write_text((PROMETHEUS_DIR / "alerts.yml").read_text())
         self.prometheus_port = self.prometheus_port or free_port()
         proc = self._spawn(
             "prometheus",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -24,9 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from server.cluster import REPO_ROOT, Cluster, ClusterError, free_port, terminate
+from server.cluster import Cluster, ClusterError, free_port, terminate
 
-LOCUSTFILES = REPO_ROOT / "loadtests" / "locust"
 SCENARIOS = ("storm", "fanout", "reconnect", "steady")
 # Beyond --run-time a run spends the ramp, the drain (bounded by --drain-timeout, 20 s by default)
 # and a few bounded waits; past this margin it is stuck and is stopped.
@@ -135,13 +135,22 @@ def describe_cpu(resources: dict[str, Any]) -> str:
     return f"CPU% mean/peak: {shown}; load average (1 min) {spread} on {resources['cpus']} CPUs"
 
 
+def locustfile(scenario: str) -> Path:
+    """The scenario's locustfile: the Locust scenarios ship in the wheel as the loadtests.locust package,
+    so `testpulse loadtest` runs from any folder, installed or not."""
+    found = importlib.resources.files("loadtests.locust") / f"{scenario}.py"
+    if not isinstance(found, Path):
+        raise ClusterError(f"loadtests.locust is not installed as files on disk ({found}); Locust needs a path")
+    return found
+
+
 def locust_argv(args: argparse.Namespace, target: str, results: Path, cluster_json: str | None) -> list[str]:
     argv = [
         sys.executable,
         "-m",
         "locust",
         "-f",
-        str(LOCUSTFILES / f"{args.scenario}.py"),
+        str(locustfile(args.scenario)),
         "--headless",
         "--only-summary",
         "--users",
@@ -215,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
         print("testpulse loadtest: --users, --spawn-rate and --run-time must be positive", file=sys.stderr)
         return 2
     if importlib.util.find_spec("locust") is None:
-        print("testpulse loadtest: Locust is missing; install the dev extra: pip install -e '.[dev]'", file=sys.stderr)
+        print(
+            "testpulse loadtest: Locust is missing; install the extra: pip install 'testpulse[loadtest]'",
+            file=sys.stderr,
+        )
         return 2
     if args.fault == "kill-node" and args.target and not args.cluster_json:
         print("testpulse loadtest: --fault kill-node with --target needs --cluster-json (node pids)", file=sys.stderr)

@@ -1,5 +1,8 @@
 """The image's recipe without Docker: build the wheel from what the Dockerfile copies, install it into a
-fresh virtualenv, run the image's start command there and probe it the way the HEALTHCHECK does."""
+fresh virtualenv outside the repository (the runtime lock, then the wheel, as the image does; then the
+`loadtest` extra, as a user would), run the image's start command there and probe it the way the
+HEALTHCHECK does; then, from an empty folder, every command that reads files shipped in the wheel:
+`testpulse cluster` (nginx.conf) and `testpulse loadtest` (the Locust scenarios)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 from deploy_support import ROOT, dockerfile_instructions, exec_form
-from support.processes import free_port, port_is_open, running, spawn
+from support.cluster import _described, stop_cluster_process
+from support.processes import free_port, port_is_open, running, spawn, until_ready
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
@@ -51,8 +55,18 @@ def build_context(into: Path) -> Path:
                 if origin.is_dir():
                     shutil.copytree(origin, src / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
                 else:
+                    (src / source).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(origin, src / source)
     return src
+
+
+def locked_versions(into: Path) -> Path:
+    """The dev lock without its hashes, as pip constraints: the extra installs the locked versions."""
+    uv = Path(sys.executable).parent / "uv"
+    constraints = into / "constraints.txt"
+    export = [str(uv), "export", "--frozen", "--no-hashes", "--all-extras", "--no-emit-project", "-o", str(constraints)]
+    subprocess.run([*export, "-q"], cwd=ROOT, check=True, timeout=60)
+    return constraints
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +79,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = dist.glob("testpulse-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    pip("--python", str(venv / "bin" / "python"), "install", str(wheel), cwd=work)
+    python = str(venv / "bin" / "python")
+    # As the image: exactly the runtime lock (hashes checked), then the wheel alone.
+    pip("--python", python, "install", "--require-hashes", "-r", str(src / "requirements.lock"), cwd=work)
+    pip("--python", python, "install", "--no-deps", str(wheel), cwd=work)
+    # As a user who wants `testpulse loadtest`: the extra the README names, at the locked versions.
+    pip("--python", python, "install", f"{wheel}[loadtest]", "-c", str(locked_versions(work)), cwd=work)
     return venv / "bin"
+
+
+def outside_env(installed: Path, home: Path) -> dict[str, str]:
+    """Nothing of the repository: the venv's scripts and the system's binaries (redis-server, nginx)."""
+    return {
+        "PATH": f"{installed}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(home),
+        "TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS": "3",
+    }
+
+
+def empty_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder
 
 
 def test_wheel_installs_the_server_package_and_the_testpulse_script(installed: Path, tmp_path: Path):
@@ -150,3 +184,54 @@ async def test_image_start_command_serves_health_in_the_installed_wheel(installe
         assert code == 0, node.log_tail()
         assert time.monotonic() - started < 5 + 5, "drain exceeded TESTPULSE_SHUTDOWN_TIMEOUT_SECONDS"
     assert not port_is_open(port)
+
+
+@pytest.mark.timeout(120)
+async def test_installed_cluster_of_two_answers_through_nginx_and_stops_cleanly(installed: Path, tmp_path: Path):
+    """`testpulse cluster` renders the nginx.conf shipped in the wheel; run from a folder with nothing in it."""
+    cwd = empty_folder(tmp_path)
+    output = tmp_path / "cluster.out"
+    argv = [str(installed / "testpulse"), "cluster", "--json", "--nodes", "2", "--port", str(free_port())]
+    argv += ["--run-dir", str(tmp_path / "run")]
+    process = await spawn(
+        "testpulse cluster (wheel)", argv, log_path=output, env=outside_env(installed, tmp_path), cwd=cwd
+    )
+    try:
+
+        async def described() -> bool:
+            return _described(output) is not None
+
+        await until_ready(process, described, deadline=60)
+        info = _described(output)
+        assert info is not None
+        assert [node["id"] for node in info["nodes"]] == ["node1", "node2"]
+        async with httpx.AsyncClient(base_url=info["proxy"], timeout=5) as http:
+            health = await http.get("/health")
+            assert (health.status_code, health.json()) == (200, {"status": "healthy"})
+            assert health.headers.get("server", "").startswith("nginx"), health.headers
+            handshake = await http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
+            assert handshake.status_code == 200 and handshake.text.startswith("0{"), handshake.text
+        assert (cwd / "testpulse.db").exists(), "the default database lands in the working folder"
+    finally:
+        await stop_cluster_process(process)  # proves the command and all it started are gone
+    assert process.proc.returncode == 0, process.log_tail()
+    assert "testpulse cluster: stopping" in output.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_installed_short_loadtest_passes_its_gate_from_an_empty_folder(installed: Path, tmp_path: Path):
+    """`testpulse loadtest` runs the Locust scenarios shipped in the wheel (the `loadtest` extra) against a
+    local two-node cluster: a few users for a few seconds, correctness objectives only."""
+    cwd = empty_folder(tmp_path)
+    results = tmp_path / "results"
+    argv = [str(installed / "testpulse"), "loadtest", "storm", "--nodes", "2", "--results", str(results)]
+    argv += ["--users", "8", "--spawn-rate", "8", "--run-time", "4s", "--drain-timeout", "15"]
+    argv += ["--slo-connect-p99-ms=off", "--slo-delivery-p99-ms=off", "--slo-failure-ratio=0", "--slo-max-gaps=0"]
+    done = subprocess.run(
+        argv, cwd=cwd, env=outside_env(installed, tmp_path), capture_output=True, text=True, timeout=220, check=False
+    )
+    tail = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, tail
+    assert "PASSED, every objective held" in done.stdout, tail
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["delivery"]["published"] > 0 and summary["delivery"]["gaps"] == 0, tail
