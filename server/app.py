@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,8 @@ from server.auth import TokenVerifier
 from server.broker import ClusterManager, NodeBroadcast, cluster_key
 from server.delivery import Feeds
 from server.http import HttpApi
+from server.presence import LocalBoard, Presence, PresenceBoard
+from server.presence_redis import RedisBoard
 from server.protocol import ErrorCode, ProtocolError
 from server.realtime import Realtime, server_class
 from server.sessions import Hub, Status
@@ -37,6 +40,7 @@ class Node:
         self._sampler: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._expirer: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
         self.db = Database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
@@ -69,9 +73,21 @@ class Node:
             on_slow_consumer=lambda sid: self.realtime.drop_slow_consumer(sid),
         )
         self.hub = Hub(self.store, self.log, NodeBroadcast(self.sio, self.feeds, self.cluster))
+        self.presence = Presence(self._presence_board(), self.feeds.send_many)
         verifier = TokenVerifier(settings)
-        self.realtime = Realtime(self.sio, self.hub, self.feeds, verifier, settings, lambda: self.draining)
-        self.http = HttpApi(self.hub, verifier, max_body=settings.max_payload_bytes, readiness=self.readiness)
+        self.realtime = Realtime(
+            self.sio, self.hub, self.feeds, verifier, settings, lambda: self.draining, self.presence
+        )
+        self.http = HttpApi(
+            self.hub, verifier, max_body=settings.max_payload_bytes, readiness=self.readiness, presence=self.presence
+        )
+
+    def _presence_board(self) -> PresenceBoard:
+        if self.cluster is None:
+            return LocalBoard()
+        # Per process, not per node id: a node restarted under its old id must not revive its old members.
+        instance = f"{self.settings.node_id}:{secrets.token_hex(4)}"
+        return RedisBoard(self.cluster.redis, instance, announce=self.cluster.publish_presence)
 
     async def start(self) -> None:
         metrics.NODE_INFO.labels(self.settings.node_id, __version__, self.transport).set(1)
@@ -83,10 +99,12 @@ class Node:
         self._sampler = asyncio.create_task(self._sample_forever(), name="testpulse-sampler")
         self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
         self._expirer = asyncio.create_task(self.realtime.expire_forever(), name="testpulse-token-expiry")
+        self._presence_task = asyncio.create_task(self.presence.run_forever(), name="testpulse-presence")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
             self.cluster.on_status = self.feeds.session_changed
             self.cluster.on_resubscribed = self.feeds.resync
+            self.cluster.on_presence = self.presence.remote_changed
             # Subscribe now, not at the first client connection as python-socketio would.
             self.sio.manager_initialized = True
             self.cluster.initialize()
@@ -137,6 +155,7 @@ class Node:
             await asyncio.sleep(1.0)
             metrics.EVENT_LOOP_LAG_SECONDS.set(max(0.0, loop.time() - started - 1.0))
             self.feeds.sample_gauges()
+            metrics.PRESENCE_MEMBERS.set(self.presence.member_count())
             if tick % 10 == 0:
                 try:
                     counts = await self.store.count_by_status()
@@ -148,10 +167,11 @@ class Node:
             tick += 1
 
     async def stop(self) -> None:
-        for task in (self._sampler, self._sweeper, self._expirer):
+        for task in (self._sampler, self._sweeper, self._expirer, self._presence_task):
             if task is not None:
                 task.cancel()
         await self.drain()
+        await self.presence.close()
         if self.cluster is not None:
             await self.cluster.close()
         await self.db.close()

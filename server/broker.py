@@ -155,6 +155,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
         self.on_status: Callable[[dict[str, Any]], None] = lambda _u: None
         self.on_resubscribed: Callable[[], None] = lambda: None
+        self.on_presence: Callable[[str], None] = lambda _s: None
         # Our own clients, not python-socketio's: built for any accepted URL, Sentinel's included.
         self._clients = RedisClients(
             url,
@@ -296,6 +297,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             "items": [d.event() for d in items],
             "host_id": self.host_id,
         }
+        self._enqueue(self._room_channel(session_room(session_id)), message)
+
+    def publish_presence(self, session_id: str) -> None:
+        """Tell the nodes watching `session_id` that its presence entries changed (server/presence.py)."""
+        message = {"method": "presence", "session_id": session_id, "host_id": self.host_id}
         self._enqueue(self._room_channel(session_room(session_id)), message)
 
     async def _publish(self, data: dict[str, Any]) -> None:
@@ -454,6 +460,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 update = message.get("update")
                 if isinstance(update, dict) and update.get("session_id") == message.get("session_id"):
                     self.on_status(update)
+            elif method == "presence":
+                session_id = message.get("session_id")
+                if isinstance(session_id, str):
+                    self.on_presence(session_id)
             elif method == "resync":
                 self.on_resubscribed()
             elif method == "emit":
@@ -526,7 +536,18 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
 
 _KNOWN_METHODS = frozenset(
-    {"detections", "status", "resync", "emit", "callback", "disconnect", "enter_room", "leave_room", "close_room"}
+    {
+        "detections",
+        "status",
+        "presence",
+        "resync",
+        "emit",
+        "callback",
+        "disconnect",
+        "enter_room",
+        "leave_room",
+        "close_room",
+    }
 )
 
 

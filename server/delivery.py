@@ -490,6 +490,19 @@ class Feeds:
             return False
         return True
 
+    def send_many(self, sids: list[str], event: str, data: dict[str, Any]) -> int:
+        """Queue one event for several local clients, encoded once; returns how many were still there."""
+        pkt = self._packet(event, data)
+        sent = 0
+        for sid in sids:
+            eio_sid = self._sio.manager.eio_sid_from_sid(sid, "/")
+            socket = self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+            if socket is not None and not socket.closed:
+                socket.queue.put_nowait(pkt)
+                sent += 1
+        metrics.EVENTS_EMITTED.labels(event).inc(sent)
+        return sent
+
     async def _drain(self, socket: Any) -> None:
         """Let a replaying client's queue empty below half the limit before the next page."""
         # Engine.IO's queue has no drain notification, so poll it; replay is not a hot path.

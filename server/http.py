@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from server import metrics
 from server.auth import Action, AuthError, Principal, TokenVerifier
+from server.presence import Presence
 from server.protocol import (
     HTTP_STATUS,
     DetectionIn,
@@ -42,8 +43,17 @@ def error_response(code: str, message: str, status: int) -> JSONResponse:
 
 
 class HttpApi:
-    def __init__(self, hub: Hub, verifier: TokenVerifier, *, max_body: int, readiness: ReadinessCheck) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        verifier: TokenVerifier,
+        *,
+        max_body: int,
+        readiness: ReadinessCheck,
+        presence: Presence | None = None,
+    ) -> None:
         self.hub = hub
+        self.presence = presence
         self.verifier = verifier
         self.max_body = max_body
         self.readiness = readiness
@@ -57,6 +67,11 @@ class HttpApi:
             Route("/api/sessions", self._authed("create_session", self.create_session), methods=["POST"]),
             Route("/api/sessions/{session_id}", self._authed("get_session", self.get_session), methods=["GET"]),
             Route("/api/sessions/{session_id}/events", self._authed("list_events", self.list_events), methods=["GET"]),
+            Route(
+                "/api/sessions/{session_id}/presence",
+                self._authed("get_presence", self.get_presence),
+                methods=["GET"],
+            ),
             Route(
                 "/api/sessions/{session_id}/detections",
                 self._authed("post_detections", self.post_detections),
@@ -150,6 +165,15 @@ class HttpApi:
         limit = parse_limit(request.query_params.get("limit"))
         rows = await self.hub.events(who, session_id, after, limit)
         return JSONResponse({"events": [r.event() for r in rows]})
+
+    async def get_presence(self, request: Request, who: Principal) -> Response:
+        """PROTOCOL.md 1.1: who may ask is whoever may join the session."""
+        session_id = check_session_id(request.path_params["session_id"])
+        who.require(Action.WATCH, session_id)
+        await self.hub.get(who, session_id)
+        if self.presence is None:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "presence is not served here")
+        return JSONResponse({"presence": await self.presence.answer(session_id)})
 
     async def create_session(self, request: Request, who: Principal) -> Response:
         req = StartRequest.parse(await self._json(request, optional=True))

@@ -88,10 +88,25 @@ REDIS_CHANNELS = Gauge(
 REDIS_MESSAGES_RECEIVED = Counter(
     "testpulse_redis_messages_received_total", "Cross-node messages received from Redis, by kind.", ["kind"]
 )
+PRESENCE_MEMBERS = Gauge(
+    "testpulse_presence_members",
+    "Presence members this node holds: distinct (session, sub) pairs of its joined connections, sampled.",
+)
+PRESENCE_UPDATES = Counter(
+    "testpulse_presence_updates_total", "presence_update frames sent to opted-in clients (coalesced per session)."
+)
+TOKEN_REFRESHES = Counter(
+    "testpulse_token_refreshes_total", "refresh_token requests, by outcome (ok or the error code).", ["outcome"]
+)
+TOKEN_EXPIRIES = Counter(
+    "testpulse_token_expiries_total", "Connections ended because their token expired without a refresh."
+)
+TOKEN_EXPIRING_SENT = Counter("testpulse_token_expiring_sent_total", "token_expiring warnings sent (once per token).")
 
 DISCONNECT_REASONS = ("client_disconnect", "server_disconnect", "ping_timeout", "transport_close", "transport_error")
 SERVER_DISCONNECT_REASONS = ("draining", "slow_consumer", "auth_expired", "forbidden", "auth_invalid")
 REFUSAL_CODES = ("auth_missing", "auth_invalid", "auth_expired", "rate_limited", "server_draining")
+REFRESH_OUTCOMES = ("ok", "auth_invalid", "auth_expired", "forbidden", "bad_request", "unauthorized", "rate_limited")
 
 
 def initialize_series(events: list[str], outcomes: list[str]) -> None:
@@ -113,7 +128,17 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         CONNECTED_CLIENTS.labels(transport)
     for kind in ("event", "handshake", "backpressure"):
         RATE_LIMITED.labels(kind)
-    for event in ("connection_status", "test_session_update", "detection_event", "detection_batch", "error"):
+    for outcome in REFRESH_OUTCOMES:
+        TOKEN_REFRESHES.labels(outcome)
+    for event in (
+        "connection_status",
+        "test_session_update",
+        "detection_event",
+        "detection_batch",
+        "error",
+        "presence_update",
+        "token_expiring",
+    ):
         EVENTS_EMITTED.labels(event)
     for kind in (
         "detections",
@@ -125,6 +150,7 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         "enter_room",
         "leave_room",
         "close_room",
+        "presence",
         "other",
         "rejected",
         "repeat",

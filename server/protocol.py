@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeGuard
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # every PROTOCOL.md 1.1 addition is in
 SESSION_ID_MAX = 64
 NAME_MAX = 200
 LABEL_MAX = 128
@@ -19,6 +19,8 @@ JSON_OBJECT_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
 BATCH_WINDOW_MAX_MS = 1000
 ISO_TIME_MAX = 64
+TOKEN_MAX = 8192
+PRESENCE_MEMBERS_MAX = 1000  # members listed by get_presence; `truncated` says there were more
 
 
 class ErrorCode(enum.StrEnum):
@@ -36,6 +38,9 @@ class ErrorCode(enum.StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     # 1.1: a client holds a position the store does not have (a join past the session's last seq).
     INSUFFICIENT_STATE = "insufficient_state"
+    # 1.1 (refresh_token): the connect_error codes a refused refresh answers with.
+    AUTH_INVALID = "auth_invalid"
+    AUTH_EXPIRED = "auth_expired"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -51,6 +56,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.SLOW_CONSUMER: 429,
     ErrorCode.INSUFFICIENT_STATE: 409,
+    ErrorCode.AUTH_INVALID: 401,
+    ErrorCode.AUTH_EXPIRED: 401,
 }
 
 
@@ -168,6 +175,8 @@ class JoinRequest:
     # Extension: the `updated_at` of the last status change the client saw; the node sends the
     # `test_session_update`s committed after it (the ones a client that was away missed).
     status_since: str | None = None
+    # 1.1: opt this connection into `presence_update` events for the session.
+    presence: bool = False
 
     @classmethod
     def parse(cls, payload: object) -> JoinRequest:
@@ -186,7 +195,29 @@ class JoinRequest:
                 datetime.fromisoformat(status_since.replace("Z", "+00:00"))
             except ValueError:
                 raise bad("status_since", "must be an ISO 8601 time (a status update's updated_at)") from None
-        return cls(session_id_field(data), last_seq, batch_ms, status_since)
+        presence = data.get("presence", False)
+        if presence is None:
+            presence = False
+        if not isinstance(presence, bool):
+            raise bad("presence", "must be a boolean")
+        return cls(session_id_field(data), last_seq, batch_ms, status_since, presence)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRequest:
+    token: str
+
+    @classmethod
+    def parse(cls, payload: object) -> RefreshRequest:
+        data = _object(payload)
+        token = data.get("token")
+        if token is None or token == "":
+            raise bad("token", "is required")
+        if not isinstance(token, str):
+            raise bad("token", "must be a string (a JWT)")
+        if len(token) > TOKEN_MAX:
+            raise bad("token", f"must be at most {TOKEN_MAX} characters")
+        return cls(token)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,11 @@ import asyncio
 import binascii
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import socketio
@@ -19,12 +21,14 @@ from server.auth import Action, AuthError, Principal, TokenVerifier
 from server.delivery import Feeds, session_room
 from server.disconnects import DisconnectReason
 from server.engine import Kind, engine_server_class
+from server.presence import Presence
 from server.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     JoinRequest,
     ProtocolError,
     PublishRequest,
+    RefreshRequest,
     SessionRef,
     StartRequest,
     StopRequest,
@@ -200,6 +204,7 @@ class Connection:
     bucket: TokenBucket
     transport: str
     expired: bool = False
+    warned: bool = False  # token_expiring was sent for the current token
 
 
 Handler = Callable[[str, Connection, Any], Awaitable[dict[str, Any]]]
@@ -227,10 +232,12 @@ class Realtime:
         verifier: TokenVerifier,
         settings: Settings,
         is_draining: Callable[[], bool],
+        presence: Presence,
     ) -> None:
         self.sio = sio
         self.hub = hub
         self.feeds = feeds
+        self.presence = presence
         self.verifier = verifier
         self.settings = settings
         self.is_draining = is_draining
@@ -254,6 +261,8 @@ class Realtime:
             "stop_test_session": self.stop_session,
             "publish_detection": self.publish_detection,
             "publish_detections": self.publish_detections,
+            "get_presence": self.get_presence,
+            "refresh_token": self.refresh_token,
         }
 
     # ---- connection lifecycle ----------------------------------------------------------------
@@ -299,6 +308,7 @@ class Realtime:
             raise Refused(exc.code, exc.message) from None
 
     def _greet(self, sid: str) -> None:
+        conn = self.connections.get(sid)
         self.feeds.send(
             sid,
             "connection_status",
@@ -308,14 +318,18 @@ class Realtime:
                 "node": self.settings.node_id,
                 "server_time": iso(utcnow()),
                 "protocol": PROTOCOL_VERSION,
+                "token_expires_at": _iso_epoch(conn.principal.expires_at) if conn is not None else None,
             },
         )
+        if conn is not None:
+            self._warn_if_due(sid, conn, time.time())
 
     async def disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.connections.pop(sid, None)
         if conn is None:
             return
         self.feeds.detach(sid)
+        self.presence.detach(sid)
         metrics.DISCONNECTS.labels(_reason_label(reason)).inc()
         metrics.CONNECTED_CLIENTS.labels(conn.transport).dec()
 
@@ -327,13 +341,28 @@ class Realtime:
             self.expire_due(time.time())
 
     def expire_due(self, now: float) -> None:
+        """The same pass warns of tokens about to expire (token_expiring, once per token)."""
         limit = now - self.settings.token_check_leeway_seconds
+        warn_before = now + self.settings.token_refresh_warning_seconds
         for sid, conn in list(self.connections.items()):
-            if conn.principal.expires_at <= limit and not conn.expired:
+            expires_at = conn.principal.expires_at
+            if expires_at <= limit and not conn.expired:
                 conn.expired = True
                 self._expire(sid)
+            elif not conn.warned and expires_at <= warn_before:
+                self._warn_if_due(sid, conn, now)
+
+    def _warn_if_due(self, sid: str, conn: Connection, now: float) -> None:
+        expires_at = conn.principal.expires_at
+        if conn.warned or expires_at - now > self.settings.token_refresh_warning_seconds:
+            return
+        conn.warned = True
+        left = max(0, math.ceil(expires_at - now))
+        if self.feeds.send(sid, "token_expiring", {"expires_at": _iso_epoch(expires_at), "in_seconds": left}):
+            metrics.TOKEN_EXPIRING_SENT.inc()
 
     def _expire(self, sid: str) -> None:
+        metrics.TOKEN_EXPIRIES.inc()
         self._spawn(self.drop(sid, disconnects.AUTH_EXPIRED))
 
     def drop_slow_consumer(self, sid: str) -> None:
@@ -349,6 +378,7 @@ class Realtime:
         if sid not in self.connections:
             return None
         self.feeds.detach(sid)
+        self.presence.detach(sid)
         metrics.SERVER_DISCONNECTS.labels(reason.label).inc()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
@@ -460,11 +490,16 @@ class Realtime:
             if req.session_id not in self.feeds.sessions_of(sid):
                 await self.sio.leave_room(sid, room)
             raise
+        # After the awaits: the connection may have gone meanwhile, and must not be seated then.
+        if sid in self.connections:
+            principal = conn.principal
+            self.presence.join(sid, req.session_id, principal.sub, principal.role.value, req.presence)
         return {"session": session.view(), "replayed": replayed}
 
     async def leave_session(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
         req = SessionRef.parse(payload)
         self.feeds.leave(sid, req.session_id)
+        self.presence.leave(sid, req.session_id)
         await self.sio.leave_room(sid, session_room(req.session_id))
         return {}
 
@@ -475,6 +510,8 @@ class Realtime:
         await self.feeds.join(sid, session, None)
         # A detector may have published between the start and this node's subscription.
         self.feeds.resync(session.id)
+        if sid in self.connections:
+            self.presence.join(sid, session.id, conn.principal.sub, conn.principal.role.value, False)
         return {"session": session.view()}
 
     def _control(self, verb: Verb) -> Handler:
@@ -499,6 +536,54 @@ class Realtime:
         conn.principal.require(Action.PUBLISH)
         stored = await self.hub.publish(conn.principal, PublishRequest.parse_batch(payload))
         return batch_ack(stored)
+
+    async def get_presence(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        req = SessionRef.parse(payload)
+        conn.principal.require(Action.WATCH, req.session_id)
+        await self.hub.get(conn.principal, req.session_id)  # not_found as join_session would say
+        return {"presence": await self.presence.answer(req.session_id)}
+
+    async def refresh_token(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
+        """PROTOCOL.md 1.1 token refresh. Nothing here awaits before the new principal is in place,
+        so the once-a-second expiry pass sees either the old token or the new one, never a mix;
+        a failure changes nothing."""
+        try:
+            principal = self._refreshed(conn, payload)
+        except ProtocolError as exc:
+            metrics.TOKEN_REFRESHES.labels(exc.code.value).inc()
+            raise
+        conn.principal = principal
+        conn.warned = False
+        self.presence.change_role(sid, principal.role.value)
+        for session_id in sorted(self.feeds.sessions_of(sid)):
+            if principal.may_touch(session_id):
+                continue
+            self.feeds.leave(sid, session_id)
+            self.presence.leave(sid, session_id)
+            self._spawn(self.sio.leave_room(sid, session_room(session_id)))
+            error = ProtocolError(ErrorCode.FORBIDDEN, f"the refreshed token may not see session '{session_id}'")
+            self.feeds.send(sid, "error", {**error.as_dict(), "event": "refresh_token", "session_id": session_id})
+        metrics.TOKEN_REFRESHES.labels("ok").inc()
+        self._warn_if_due(sid, conn, time.time())
+        return {"expires_at": _iso_epoch(principal.expires_at)}
+
+    def _refreshed(self, conn: Connection, payload: Any) -> Principal:
+        req = RefreshRequest.parse(payload)
+        try:
+            principal = self.verifier.verify(req.token)
+        except AuthError as exc:
+            code = ErrorCode.AUTH_EXPIRED if exc.code == "auth_expired" else ErrorCode.AUTH_INVALID
+            raise ProtocolError(code, exc.message) from None
+        if principal.sub != conn.principal.sub:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "the new token is for another sub than this connection's")
+        if conn.expired:
+            # The expiry pass got here first: the connection is already being closed.
+            raise ProtocolError(ErrorCode.AUTH_EXPIRED, "this connection's token has expired")
+        return principal
+
+
+def _iso_epoch(seconds: float) -> str:
+    return iso(datetime.fromtimestamp(seconds, UTC))
 
 
 def _reason_label(reason: Any) -> str:

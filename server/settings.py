@@ -113,6 +113,10 @@ class Settings:
     token_check_leeway_seconds: float = field(
         default=1.0, metadata={"doc": "a connection is closed at most this long after its token expires"}
     )
+    token_refresh_warning_seconds: float = field(
+        default=60.0,
+        metadata={"doc": "send `token_expiring` once per token this long before it expires (at once if less is left)"},
+    )
     ping_interval_seconds: float = field(default=25.0, metadata={"doc": "Engine.IO ping interval"})
     ping_timeout_seconds: float = field(default=20.0, metadata={"doc": "Engine.IO ping timeout"})
     shutdown_timeout_seconds: float = field(default=10.0, metadata={"doc": "longest graceful shutdown"})
@@ -213,7 +217,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 fail(name, "must be greater than 0")
-        for name in ("jwt_leeway_seconds", "gap_fill_delay_seconds", "token_check_leeway_seconds"):
+        for name in (
+            "jwt_leeway_seconds",
+            "gap_fill_delay_seconds",
+            "token_check_leeway_seconds",
+            "token_refresh_warning_seconds",
+        ):
             if getattr(self, name) < 0:
                 fail(name, "must not be negative")
         if self.log_level not in ("debug", "info", "warning", "error"):

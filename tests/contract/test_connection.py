@@ -16,11 +16,11 @@ async def test_connection_status_is_sent_on_connect_with_the_contracts_fields(
 ) -> None:
     client = await connect(node, "viewer", transport=transport)
     status = await client.wait_for_event("connection_status")
-    assert set(status) >= {"status", "sid", "node", "server_time", "protocol"}
+    assert set(status) >= {"status", "sid", "node", "server_time", "protocol", "token_expires_at"}
     assert status["status"] == "connected"
     assert status["sid"] == client.sio.get_sid("/")
     assert status["node"] == node.settings.node_id
-    assert status["protocol"] == 1
+    assert status["protocol"] == 2  # PROTOCOL.md 1.1 is in whole
     server_time = datetime.fromisoformat(status["server_time"].replace("Z", "+00:00"))
     assert server_time.tzinfo is not None
     assert abs(datetime.now(UTC) - server_time) < timedelta(seconds=30)

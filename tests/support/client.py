@@ -31,6 +31,7 @@ class Client:
         self.name = name
         self.sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
         self.events: list[tuple[str, Any]] = []
+        self.arrived: list[float] = []  # time.monotonic() of each of `events`
         self.connect_errors: list[Any] = []
         self.disconnects: list[Any] = []
         self._changed = asyncio.Event()
@@ -45,12 +46,14 @@ class Client:
     def _recorder(self, event: str) -> Callable[..., None]:
         def record(*args: Any) -> None:
             self.events.append((event, args[0] if len(args) == 1 else list(args)))
+            self.arrived.append(time.monotonic())
             self._changed.set()
 
         return record
 
     def _record_other(self, event: str, *args: Any) -> None:
         self.events.append((event, args[0] if len(args) == 1 else list(args)))
+        self.arrived.append(time.monotonic())
         self._changed.set()
 
     def _record_connect_error(self, data: Any = None) -> None:
@@ -158,6 +161,14 @@ class Client:
 
     def received(self, event: str) -> list[Any]:
         return [data for name, data in self.events if name == event]
+
+    def received_at(self, event: str) -> list[tuple[float, Any]]:
+        """(arrival time, payload) of each `event`, in arrival order."""
+        return [(at, data) for at, (name, data) in zip(self.arrived, self.events, strict=True) if name == event]
+
+    def presence(self, session_id: str) -> list[dict[str, Any]]:
+        """The `presence_update`s of one session, in arrival order."""
+        return [u for u in self.received("presence_update") if u.get("session_id") == session_id]
 
     def detections(self, session_id: str) -> list[dict[str, Any]]:
         return [d for d in self.received("detection_event") if d.get("session_id") == session_id]
