@@ -4,6 +4,7 @@ coalesced to one a second per session; get_presence and GET /api/sessions/{id}/p
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import httpx
@@ -109,7 +110,7 @@ async def test_a_join_burst_is_coalesced_into_one_update_a_second_with_the_net_c
     await alice.wait_for(lambda: subs_seen(alice, session_id) == everyone, what="the whole burst")
     updates = alice.received_at("presence_update")
     assert len(updates) <= 4, f"40 joins made {len(updates)} updates: not coalesced"
-    for (earlier, _), (later, _) in zip(updates, updates[1:], strict=False):
+    for (earlier, _), (later, _) in itertools.pairwise(updates):
         assert later - earlier > 0.8, "two presence_updates of one session within a second"
     assert updates[-1][1]["count"] == len(everyone)
 
