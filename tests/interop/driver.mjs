@@ -2,13 +2,15 @@
 //
 // Config: one JSON object, as argv[2] or as the first line of stdin:
 //   {url, viewer_token, detector_token, session_id,
-//    viewers: [{name, transports}],            // transports: ["websocket"], ["polling"], or ["polling","websocket"]
+//    viewers: [{name, transports, url?, token?, presence?}], // transports: ["websocket"], ["polling"], or ["polling","websocket"];
+//                                              // url/token override the shared ones; presence: join with presence: true
 //    publish: {rate, transports, pad_bytes} | null,
 //    options: {reconnectionDelay, reconnectionDelayMax, timeout, ackTimeout}}
 // Commands, one JSON object a line on stdin:
 //   {"cmd":"report","id":n,"full":bool}   -> {"type":"report","id":n,...}
 //   {"cmd":"start_publishing"} {"cmd":"stop_publishing"}
 //   {"cmd":"pause_reading","viewer":"v3"} {"cmd":"resume_reading","viewer":"v3"}
+//   {"cmd":"emit","viewer":"v1","event":"refresh_token","payload":{...}} -> the ack as {"type":"ack",...,"answer":ack}
 //   {"cmd":"quit"}
 // Output: line-delimited JSON on stdout ({"type":"ready"}, reports, {"type":"ack","cmd":...}).
 //
@@ -67,7 +69,10 @@ class Viewer {
     this.joinFailures = [];
     this.reconnectAttempts = 0;
     this.paused = false;
-    this.socket = io(config.url, clientOptions(config, spec.transports, config.viewer_token));
+    this.presence = !!spec.presence;
+    this.presenceUpdates = [];
+    this.tokenExpiring = [];
+    this.socket = io(spec.url || config.url, clientOptions(config, spec.transports, spec.token || config.viewer_token));
     const s = this.socket;
     s.on("connect", () => {
       this.connects += 1;
@@ -75,6 +80,8 @@ class Viewer {
     });
     s.on("connection_status", (d) => this.nodes.push(String(d && d.node)));
     s.on("detection_event", (d) => this.onDetection(d));
+    s.on("presence_update", (d) => this.presenceUpdates.push(d));
+    s.on("token_expiring", (d) => this.tokenExpiring.push(d));
     s.on("test_session_update", (d) => {
       if (d && d.session_id === this.sessionId) {
         this.statuses.push(d.status);
@@ -110,6 +117,7 @@ class Viewer {
       try {
         const request = { session_id: this.sessionId, last_seq: lastSeq };
         if (this.statusAt !== null) request.status_since = this.statusAt;
+        if (this.presence) request.presence = true;
         const ack = await s.timeout(this.ackTimeout).emitWithAck("join_session", request);
         if (ack && ack.ok) {
           if (ack.session) this.holdStatusAt(ack.session.updated_at);
@@ -168,6 +176,8 @@ class Viewer {
       join_failures: this.joinFailures.slice(-5),
       reconnect_attempts: this.reconnectAttempts,
       paused: this.paused,
+      presence_updates: this.presenceUpdates,
+      token_expiring: this.tokenExpiring,
     };
     if (full) r.seqs = this.seqs;
     return r;
@@ -323,6 +333,12 @@ async function handle(line) {
       case "resume_reading":
         viewerNamed(cmd.viewer).resumeReading();
         break;
+      case "emit": {
+        const v = viewerNamed(cmd.viewer);
+        const answer = await v.socket.timeout(v.ackTimeout).emitWithAck(cmd.event, cmd.payload);
+        out({ type: "ack", cmd: cmd.cmd, id: cmd.id ?? null, answer });
+        return;
+      }
       case "quit":
         return shutdown();
       default:

@@ -54,9 +54,19 @@ def js_clients_missing() -> str | None:
 class ViewerSpec:
     name: str
     transport: str = "websocket"
+    url: str | None = None  # another than the driver's shared url (e.g. one node)
+    token: str | None = None  # another than the shared viewer token (e.g. another sub)
+    presence: bool = False  # join with presence: true
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "transports": JS_TRANSPORTS[self.transport]}
+        spec: dict[str, Any] = {"name": self.name, "transports": JS_TRANSPORTS[self.transport]}
+        if self.url is not None:
+            spec["url"] = self.url
+        if self.token is not None:
+            spec["token"] = self.token
+        if self.presence:
+            spec["presence"] = True
+        return spec
 
 
 def viewer_mix(count: int, transports: Sequence[str] = ("websocket", "polling", "upgrade")) -> list[ViewerSpec]:
@@ -136,6 +146,10 @@ class JsClients:
 
     async def resume_reading(self, viewer: str) -> Report:
         return await self.command("resume_reading", viewer=viewer)
+
+    async def emit(self, viewer: str, event: str, payload: Any, *, deadline: float = 15.0) -> Any:
+        """`viewer` emits `event` with an ack callback; returns the ack."""
+        return (await self.command("emit", deadline=deadline, viewer=viewer, event=event, payload=payload))["answer"]
 
     async def wait_for(
         self,
