@@ -416,6 +416,40 @@ def dependencies(lay: Layout) -> list[dict[str, Any]]:
     ]
 
 
+def presence_and_tokens(lay: Layout) -> list[dict[str, Any]]:
+    return [
+        row(lay, "Presence and token refresh"),
+        timeseries(
+            lay,
+            "Presence members per node",
+            [target(f"sum by (instance) (testpulse_presence_members{{{NODE}}})", "{{instance}}")],
+            description="Distinct (session, sub) pairs each node holds; a sub on two nodes counts on both.",
+        ),
+        timeseries(
+            lay,
+            "presence_update frames/s",
+            [target(f"sum by (instance) (rate(testpulse_presence_updates_total{{{NODE}}}[{RATE}]))", "{{instance}}")],
+            unit="ops",
+            description="Coalesced to one round a second per session: a join storm must not make this spike.",
+        ),
+        timeseries(
+            lay,
+            "Token refreshes and expiries",
+            [
+                target(
+                    f"sum by (outcome) (rate(testpulse_token_refreshes_total{{{NODE}}}[{RATE}]))",
+                    "refresh {{outcome}}",
+                    "A",
+                ),
+                target(f"sum(rate(testpulse_token_expiries_total{{{NODE}}}[{RATE}]))", "expired unrefreshed", "B"),
+                target(f"sum(rate(testpulse_token_expiring_sent_total{{{NODE}}}[{RATE}]))", "warned", "C"),
+            ],
+            unit="ops",
+            description="Expiries are connections ended with auth_expired/refresh because no refresh came in time.",
+        ),
+    ]
+
+
 def per_node(lay: Layout) -> list[dict[str, Any]]:
     one = 'job="testpulse", instance="$node"'
     return [
@@ -473,7 +507,7 @@ def per_node(lay: Layout) -> list[dict[str, Any]]:
 
 def dashboard() -> dict[str, Any]:
     lay = Layout()
-    panels = overview(lay) + latency(lay) + dependencies(lay) + per_node(lay)
+    panels = overview(lay) + latency(lay) + dependencies(lay) + presence_and_tokens(lay) + per_node(lay)
     return {
         "uid": "testpulse-cluster",
         "title": "testpulse cluster",

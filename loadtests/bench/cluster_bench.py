@@ -8,6 +8,8 @@ WebSocket opened directly needs no stickiness (the handshake is the connection).
 
 Scenarios (defaults are the issue's sizes):
   storm     2,000 clients connect (with a token) and join one of 100 sessions, 250 in flight, 3 rounds
+  storm-presence  the storm on testpulse with presence off and on (join_session {presence: true}),
+            round by round alternating in the same run: what presence costs in joins/s
   fanout    100 viewers of one session across nodes, 200 detections/s for 10 s
   overload  1,000 viewers, 200 detections/s: deliveries, loss, reordering, the publisher's acks, RSS
   maxrate   1,000 viewers: highest publish rate that is delivered in full, in order, promptly
@@ -49,8 +51,9 @@ from loadtests.bench.systems import (
 )
 from loadtests.bench.wire import http_session, percentiles, sparse_from_values
 
-SCENARIOS = ("storm", "fanout", "overload", "maxrate", "idle", "routing")
+SCENARIOS = ("storm", "storm-presence", "fanout", "overload", "maxrate", "idle", "routing")
 SYSTEMS = ("testpulse", "stock")
+PRESENCE_ON = "testpulse+presence"
 
 
 def start_system(kind: str, args: argparse.Namespace) -> System:
@@ -93,7 +96,7 @@ def clients_per_node(counters: dict[str, dict[str, float]]) -> dict[str, int]:
 # ---- scenarios -------------------------------------------------------------------------------
 
 
-async def storm(system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+async def storm(system: System, pool: Pool, args: argparse.Namespace, presence: bool = False) -> dict[str, Any]:
     async with http_session() as http:
         sessions = await system.create_sessions(http, args.storm_sessions)
         specs = [
@@ -101,6 +104,7 @@ async def storm(system: System, pool: Pool, args: argparse.Namespace) -> dict[st
                 "url": system.proxy_url,
                 "token": system.token("viewer", f"storm-viewer-{i}"),
                 "session": sessions[i % len(sessions)],
+                "presence": presence,
             }
             for i in range(args.storm_clients)
         ]
@@ -116,6 +120,7 @@ async def storm(system: System, pool: Pool, args: argparse.Namespace) -> dict[st
     elapsed = result["finished_at"] - result["started_at"]
     return {
         "clients": args.storm_clients,
+        "presence": presence,
         "joined": result["ok"],
         "failures": result["failures"],
         "elapsed_s": round(elapsed, 3),
@@ -367,9 +372,11 @@ async def routing(system: System, pool: Pool, args: argparse.Namespace) -> dict[
     }
 
 
-async def run_scenario(name: str, system: System, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
-    if name == "storm":
-        return await storm(system, pool, args)
+async def run_scenario(
+    name: str, system: System, pool: Pool, args: argparse.Namespace, presence: bool = False
+) -> dict[str, Any]:
+    if name in ("storm", "storm-presence"):
+        return await storm(system, pool, args, presence)
     if name == "fanout":
         return await fanout(system, pool, args, name=name, viewers=args.fanout_viewers, rate=args.fanout_rate)
     if name == "overload":
@@ -381,11 +388,13 @@ async def run_scenario(name: str, system: System, pool: Pool, args: argparse.Nam
     return await routing(system, pool, args)
 
 
-async def one_run(scenario: str, kind: str, pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
+async def one_run(
+    scenario: str, kind: str, pool: Pool, args: argparse.Namespace, presence: bool = False
+) -> dict[str, Any]:
     log(f"{scenario}: starting a {kind} cluster of {args.nodes} nodes")
     system = start_system(kind, args)
     try:
-        outcome = await run_scenario(scenario, system, pool, args)
+        outcome = await run_scenario(scenario, system, pool, args, presence)
     except Exception as exc:  # noqa: BLE001 - report and go on with the next run
         traceback.print_exc()
         outcome = {"error": f"{type(exc).__name__}: {exc}"}
@@ -421,14 +430,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for scenario in args.scenarios:
             results[scenario] = {}
-            rounds = max(1, args.storm_rounds) if scenario == "storm" else 1
-            outcomes: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.systems}
+            rounds = max(1, args.storm_rounds) if scenario.startswith("storm") else 1
+            # (label, system, presence): the presence storm compares testpulse with itself.
+            variants = [(kind, kind, False) for kind in args.systems]
+            if scenario == "storm-presence":
+                variants = [("testpulse", "testpulse", False), (PRESENCE_ON, "testpulse", True)]
+            outcomes: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
             # Systems take turns round by round, so a change in the machine's load hits both alike.
             for _ in range(rounds):
-                for kind in args.systems:
-                    outcome = await one_run(scenario, kind, pool, args)
-                    outcomes[kind].append(outcome)
-                    log(f"{scenario}/{kind}: {short(scenario, outcome)}")
+                for label, kind, presence in variants:
+                    outcome = await one_run(scenario, kind, pool, args, presence)
+                    outcomes[label].append(outcome)
+                    log(f"{scenario}/{label}: {short(scenario, outcome)}")
             for kind, runs in outcomes.items():
                 results[scenario][kind] = median_run(runs) if len(runs) > 1 else runs[0]
     finally:
@@ -447,7 +460,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def short(scenario: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"error {r['error']}"
-    if scenario == "storm":
+    if scenario.startswith("storm"):
         return f"{r['joins_per_s']} joins/s, p99 {r['connect_join_ms']['p99']} ms, failures {r['failures']}"
     if scenario in ("fanout", "overload"):
         return (
@@ -459,6 +472,37 @@ def short(scenario: str, r: dict[str, Any]) -> str:
     if scenario == "idle":
         return f"{r['kb_per_client']} KB per client"
     return "per node " + ", ".join(f"{n}: {v['redis_messages_decoded']} decoded" for n, v in r["per_node"].items())
+
+
+def _storm_table(name: str, runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    rows = []
+    for kind, r in runs.items():
+        if "error" not in r:
+            lat = r["connect_join_ms"]
+            each = " ".join(f"{x['joins_per_s']}" for x in r.get("rounds", []) if x["joins_per_s"])
+            rows.append(
+                [
+                    *(kind, f"{r['joined']}/{r['clients']}", r["joins_per_s"], lat["p50"], lat["p99"], lat["max"]),
+                    *(r["failures"] or "-", r["clients_per_node"], each or "-", _cpu(r)),
+                ]
+            )
+        else:
+            rows.append([kind, r["error"], *[""] * 8])
+    out = [
+        "",
+        f"{name}: {args.storm_clients} clients connect and join one of {args.storm_sessions} sessions, "
+        f"{args.storm_concurrency} in flight; median of {max(1, args.storm_rounds)} rounds (systems alternate)",
+    ]
+    out.append(
+        table(
+            [
+                *("system", "joined", "joins/s", "p50 ms", "p99 ms", "max ms", "failures", "per node"),
+                *("rounds joins/s", "cpu%"),
+            ],
+            rows,
+        )
+    )
+    return out
 
 
 def _cpu(r: dict[str, Any]) -> str:
@@ -478,34 +522,14 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
     if args.batch_ms:
         out.append(f"testpulse viewers join with batch_ms={args.batch_ms}: detection_batch frames (extension)")
     ok = lambda r: "error" not in r  # noqa: E731
-    if "storm" in res:
-        rows = []
-        for kind, r in res["storm"].items():
-            if ok(r):
-                lat = r["connect_join_ms"]
-                each = " ".join(f"{x['joins_per_s']}" for x in r.get("rounds", []) if x["joins_per_s"])
-                rows.append(
-                    [
-                        *(kind, f"{r['joined']}/{r['clients']}", r["joins_per_s"], lat["p50"], lat["p99"], lat["max"]),
-                        *(r["failures"] or "-", r["clients_per_node"], each or "-", _cpu(r)),
-                    ]
-                )
-            else:
-                rows.append([kind, r["error"], *[""] * 8])
-        out += [
-            "",
-            f"storm: {args.storm_clients} clients connect and join one of {args.storm_sessions} sessions, "
-            f"{args.storm_concurrency} in flight; median of {max(1, args.storm_rounds)} rounds (systems alternate)",
-        ]
-        out.append(
-            table(
-                [
-                    *("system", "joined", "joins/s", "p50 ms", "p99 ms", "max ms", "failures", "per node"),
-                    *("rounds joins/s", "cpu%"),
-                ],
-                rows,
-            )
-        )
+    for storm_name in ("storm", "storm-presence"):
+        if storm_name in res:
+            out += _storm_table(storm_name, res[storm_name], args)
+    if "storm-presence" in res:
+        off, on = res["storm-presence"].get("testpulse", {}), res["storm-presence"].get(PRESENCE_ON, {})
+        if ok(off) and ok(on) and off.get("joins_per_s") and on.get("joins_per_s"):
+            cost = 100.0 * (1 - on["joins_per_s"] / off["joins_per_s"])
+            out.append(f"presence costs {cost:.1f}% of joins/s (bound: 10%)")
     for name, label in (
         ("fanout", f"fanout: {args.fanout_viewers} viewers, {args.fanout_rate:g} detections/s for {args.seconds:g}s"),
         (

@@ -66,7 +66,7 @@ class _Worker:
                 self.conn.send(answer)
 
     async def connect(self, specs: list[dict[str, Any]], concurrency: int, within: float) -> dict[str, Any]:
-        """Connect (and join) every spec: {url, token?, session?}. Returns timings of connect+join."""
+        """Connect (and join) every spec: {url, token?, session?, batch_ms?, presence?}; timings of connect+join."""
         gate = asyncio.Semaphore(max(1, concurrency))
         latencies: list[float] = []
         failures: Counter[str] = Counter()
@@ -83,6 +83,8 @@ class _Worker:
                             join: dict[str, Any] = {"session_id": session}
                             if spec.get("batch_ms"):
                                 join["batch_ms"] = spec["batch_ms"]
+                            if spec.get("presence"):
+                                join["presence"] = True
                             answer = await client.call("join_session", join)
                             if not (isinstance(answer, dict) and answer.get("ok")):
                                 error = answer.get("error", {}) if isinstance(answer, dict) else {}
