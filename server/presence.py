@@ -10,7 +10,7 @@ process that expires by itself. Why this shape:
 
 - one entry per node process, not per connection or per sub: a node only ever rewrites its own
   entry, so nodes never contend and need no transactions; a join storm of N clients on one node
-  costs one write per session per write batch (every 250 ms), not N; one read gives a session.
+  costs one write per session per write batch (every 500 ms), not N; one read gives a session.
 - per process, not per node id: a node restarted under the same id after a SIGKILL must not
   bring its previous life's members back.
 - a heartbeat per process instead of an expiry per entry: one write a second covers every session
@@ -52,7 +52,7 @@ Members = dict[str, tuple[str, int]]
 """One node's (or the merged) members of a session: sub -> (role, connections)."""
 
 ROLE_RANK = {"viewer": 0, "detector": 1, "operator": 2, "admin": 3}
-WRITE_INTERVAL_SECONDS = 0.25  # a node's writes are batched this often
+WRITE_INTERVAL_SECONDS = 0.5  # a node's writes (and its change announcements) are batched this often
 UPDATE_INTERVAL_SECONDS = 1.0  # at most one presence_update round per session this often
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 RECHECK_INTERVAL_SECONDS = 5.0  # watched sessions are re-read this often: how dead nodes are noticed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from server.presence import Members
 
 HEARTBEAT_TTL_SECONDS = 10
 HASH_TTL_SECONDS = 24 * 3600  # a session nobody has written to for a day is forgotten by Redis itself
+HASH_TTL_REFRESH_SECONDS = 3600.0  # each node renews that expiry at most this often per session
 
 
 class RedisBoard:
@@ -39,6 +41,7 @@ class RedisBoard:
         self._prefix = prefix
         self._timeout = timeout
         self._ttl = heartbeat_ttl
+        self._renewed: dict[str, float] = {}  # session id -> when this node last renewed the hash's expiry
 
     def _hash(self, session_id: str) -> str:
         return f"{self._prefix}:presence:{session_id}"
@@ -48,16 +51,23 @@ class RedisBoard:
 
     async def write(self, entries: dict[str, Members]) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        now = time.monotonic()
+        renewing = []
         for session_id, members in entries.items():
             key = self._hash(session_id)
             if members:
                 wire = {sub: [role, connections] for sub, (role, connections) in members.items()}
                 pipe.hset(key, self.instance, json.dumps(wire, separators=(",", ":")))
-                pipe.expire(key, HASH_TTL_SECONDS)
+                if now - self._renewed.get(session_id, -HASH_TTL_REFRESH_SECONDS) >= HASH_TTL_REFRESH_SECONDS:
+                    pipe.expire(key, HASH_TTL_SECONDS)
+                    renewing.append(session_id)
             else:
                 pipe.hdel(key, self.instance)
+                self._renewed.pop(session_id, None)
         async with asyncio.timeout(self._timeout):
             await pipe.execute()
+        for session_id in renewing:
+            self._renewed[session_id] = now
         for session_id in entries:
             self._announce(session_id)
 
@@ -98,6 +108,8 @@ class RedisBoard:
         pipe.set(key, b"1", ex=self._ttl)
         async with asyncio.timeout(self._timeout):
             existed, _ = await pipe.execute()
+        if not existed:
+            self._renewed.clear()  # whatever lost the heartbeat lost the expiries too
         return bool(existed)
 
     async def withdraw(self, session_ids: list[str]) -> None:
