@@ -41,7 +41,9 @@ async function open(name, url, viewport) {
   const page = await context.newPage();
   const entry = { page, context, problems: [], cdp: null };
   page.on("console", (msg) => {
-    if (msg.type() === "error" || msg.type() === "warning") entry.problems.push(`console.${msg.type()}: ${msg.text()}`);
+    if (msg.type() !== "error" && msg.type() !== "warning") return;
+    const where = msg.location() && msg.location().url ? ` (${msg.location().url.split("#")[0]})` : "";
+    entry.problems.push(`console.${msg.type()}: ${msg.text()}${where}`);
   });
   page.on("pageerror", (err) => entry.problems.push(`pageerror: ${err.message}`));
   page.on("requestfailed", (req) => {
