@@ -146,7 +146,7 @@ class Page:
 
 @pytest.fixture(scope="session")
 async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
-    log = open(tmp_path_factory.mktemp("browser") / "driver.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path_factory.mktemp("browser") / "driver.log", "wb")  # noqa: SIM115, ASYNC230 - closed below
     proc = await asyncio.create_subprocess_exec(
         "node",
         str(DRIVER),

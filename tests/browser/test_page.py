@@ -187,15 +187,20 @@ async def test_after_a_database_restore_the_page_gets_insufficient_state_clears_
                 at_backup = publisher.published
                 await wait_until(lambda: _published(publisher, at_backup + 50), deadline=20, what="50 more")
             held = (await caught_up(page, first, session_id))["lastSeq"]
-        for suffix in ("-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
-        shutil.copyfile(backup, db)
+        _restore(backup, db)
         async with run_cluster(tmp_path / "cluster2", url, redis_url=redis.url, port=port) as restored:
             restored_seq = await stored_last_seq(restored, session_id)
             assert 0 < restored_seq < held, (restored_seq, held)
             state = await caught_up(page, restored, session_id, deadline=40)
             assert state["received"] == restored_seq, "what was shown before the restore was cleared"
             assert clean(state), state
+
+
+def _restore(backup: Path, db: Path) -> None:
+    """Put the backup in place of the database, as an operator restoring one would (nodes stopped)."""
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(backup, db)
 
 
 async def _published(publisher: Publisher, n: int) -> bool:
