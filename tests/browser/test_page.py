@@ -67,6 +67,7 @@ async def test_page_loads_without_console_errors_and_shows_live_detections(
         await live.wait_for(lambda t: t["received"] >= 60, "more detections than fit in view")
         assert await live.eval(rows) < 40, "the table renders only the rows in view"
         assert await live.eval("() => sessionStorage.getItem('testpulse.token') !== null")
+        await live.wait_for(lambda t: t["received"] >= 400, "a few seconds of detections for the charts")
         await live.screenshot(tmp_path / "live-view.png")
     await caught_up(live, cluster, session_id)
     assert clean(await live.testpulse())
