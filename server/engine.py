@@ -79,6 +79,11 @@ class CountingQueue(asyncio.Queue[Any]):
         self.taken += 1
         return item
 
+    def consumer_waiting(self) -> bool:
+        """Whether a consumer (a held long-poll) waits in get(): asyncio.Queue keeps waiting getters
+        in `_getters`, as every CPython since 3.4 does."""
+        return any(not getter.done() for getter in self._getters)  # type: ignore[attr-defined]
+
     def discard(self) -> int:
         """Drop every queued packet (a dropped slow consumer's backlog: it replays on rejoin)."""
         dropped, marks = 0, 0

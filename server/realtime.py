@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import contextvars
 import logging
 import time
@@ -40,6 +41,7 @@ _wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", d
 
 
 EXPIRY_CHECK_SECONDS = 1.0
+POLL_HANDOVER_SECONDS = 1.0  # a dropped long-polling client between polls has this long to take its error
 MALFORMED_PACKET_ERRORS = (ValueError, TypeError, IndexError, KeyError, binascii.Error)
 
 # Handler names python-socketio uses itself; a client event by these names is an unknown event.
@@ -343,9 +345,10 @@ class Realtime:
     async def drop(self, sid: str, reason: DisconnectReason) -> Any:
         """End a connection as PROTOCOL.md 1.1 says for `reason`: the `error` event first, then a
         Socket.IO DISCONNECT only where the client must not come back by itself, then the
-        Engine.IO close. Nothing here waits for the client: a long-polling client between polls,
-        or one that stopped reading, would never let it return. Returns the Engine.IO socket
-        (None when the connection was already gone), so a drain can see its queue empty."""
+        Engine.IO close. Nothing here waits on the client for long: a long-polling client between
+        polls is given POLL_HANDOVER_SECONDS to come for its error, and nothing else is waited for.
+        Returns the Engine.IO socket (None when the connection was already gone), so a drain can
+        see its queue empty."""
         if sid not in self.connections:
             return None
         self.feeds.detach(sid)
@@ -362,6 +365,12 @@ class Realtime:
         self.feeds.send(sid, "error", reason.error_event())
         if reason.sends_disconnect_packet:
             await self.sio.disconnect(sid)
+        if socket is not None and not socket.upgraded and not socket.queue.consumer_waiting():
+            # Between two polls: once closed, its next GET would be refused before it could take
+            # the error. Hold the session open until that GET has taken what is queued, briefly.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_HANDOVER_SECONDS):
+                    await socket.queue.join()
         if socket is not None:
             # python-socketio's disconnect only leaves the namespace: a client that ignored that
             # would keep its connection, and its slot on this node, for as long as it answers PINGs.

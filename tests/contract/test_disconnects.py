@@ -118,9 +118,11 @@ async def test_a_drain_answers_a_held_long_poll_with_the_error_and_then_ends_the
         await asyncio.sleep(0.5)
         sigterm(fresh_node)
         assert await asyncio.wait_for(held, 15) == 200
-        # The session is over: the next GET is refused, which every client takes as a transport
-        # error and reconnects from (an Engine.IO CLOSE packet would stop python-engineio's).
-        assert await client.poll() == 400
+        # The session is over: a GET is refused (at most one more may first be answered empty, if
+        # it was held as the session closed), which every client takes as a transport error and
+        # reconnects from (an Engine.IO CLOSE packet would stop python-engineio's).
+        statuses = [await client.poll() for _ in range(2)]
+        assert 400 in statuses, statuses
     errors = client.events("error")
     assert [(e["code"], e["reconnect"]) for e in errors] == [("server_draining", "auto")], client.packets
     assert SIO_DISCONNECT not in client.packets, client.packets

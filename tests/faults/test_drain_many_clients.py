@@ -286,13 +286,14 @@ async def test_a_node_with_1000_clients_drains_within_its_grace_and_stores_every
     summary = f"stopped after {took:.1f}s; transports ended {dict(ended)}; errors {dict(advice)}"
     assert not sent_disconnect, f"{len(sent_disconnect)} clients got a Socket.IO DISCONNECT: {summary}"
     assert set(advice) == {("server_draining", "auto")}, summary
-    # A WebSocket client gets the error, then the close. A long-polling client gets them in the GET
-    # it holds; one between polls (or with more queued than one poll carries: the detections
-    # stream to every viewer here) finds its session gone at its next GET, a 400, which
-    # socket.io-client treats as a transport error and reconnects after.
+    # A WebSocket client gets the error, then the close. A long-polling client gets the error in
+    # the GET it holds, or, between polls, in its next one (the node holds the session for it
+    # briefly, its backlog discarded: the rejoin replays it); then its session is gone (an empty
+    # answer or a 400, or the port closed), which every client reconnects from.
     websockets, polling = clients[:WEBSOCKET_CLIENTS], clients[WEBSOCKET_CLIENTS:]
     assert all(c.errors() and c.ended == "ws_closed" for c in websockets), summary
-    assert all(c.errors() or c.ended == "http_400" for c in polling), summary
+    missed = [c.ended for c in polling if not c.errors()]
+    assert not missed, f"{len(missed)} polling clients never got the error ({Counter(missed)}): {summary}"
 
     drained = re.search(r"drained in ([\d.]+)s: (\d+) clients sent elsewhere", node.node.log_path.read_text())
     assert drained is not None, node.node.log_tail()
