@@ -9,6 +9,7 @@ import logging
 import sys
 from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 from server import cluster, loadtest
 from server.auth import issue_token, parse_ttl
@@ -93,11 +94,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     sessions = [s.strip() for s in args.sessions.split(",") if s.strip()] if args.sessions else None
     try:
         ttl = parse_ttl(args.ttl)
-        print(issue_token(settings, role=args.role, sub=args.sub or args.role, ttl_seconds=ttl, sessions=sessions))
+        token = issue_token(settings, role=args.role, sub=args.sub or args.role, ttl_seconds=ttl, sessions=sessions)
+        print(page_link(args.url, token, args.session) if args.url else token)
     except ValueError as exc:
         print(f"testpulse token: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def page_link(base_url: str, token: str, session_id: str | None = None) -> str:
+    """A link to the TestExecution page with the token in the fragment: browsers never send the
+    fragment to a server, so the token stays out of requests, proxies and access logs."""
+    path = f"/sessions/{quote(session_id, safe='')}" if session_id else "/"
+    return f"{base_url.rstrip('/')}{path}#token={token}"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -162,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", default=None, help="subject (default: the role)")
     token.add_argument("--sessions", default=None, help="comma-separated session ids the token is limited to")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
+    token.add_argument(
+        "--url", default=None, help="print a link to the page at this address instead, the token in its #fragment"
+    )
+    token.add_argument("--session", default=None, help="with --url: link to this session's live view")
     token.set_defaults(run=cmd_token)
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to this build's (run before a roll)")

@@ -386,6 +386,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  redis: {info['redis']}\n  database: {info['database']}\n  logs: {info['run_dir']}/logs", flush=True)
         if info["prometheus"]:
             print(f"  prometheus: {info['prometheus']}", flush=True)
+        print(f"  page: {info['proxy']}/", flush=True)
+        operator_link = _operator_link(info["proxy"])
+        if operator_link:
+            print(f"  operator link (1 h): {operator_link}", flush=True)
     reported: set[str] = set()
     while not stopping:
         if rolling:
@@ -407,6 +411,21 @@ def run(args: argparse.Namespace) -> int:
     print("testpulse cluster: stopping", flush=True)
     cluster.stop()
     return 0
+
+
+def _operator_link(proxy_url: str) -> str | None:
+    """In development mode, a ready link to the page for an operator (the token in the fragment)."""
+    from server.auth import issue_token
+    from server.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError:
+        return None
+    if settings.env != "development":
+        return None
+    token = issue_token(settings, role="operator", sub="operator", ttl_seconds=3600)
+    return f"{proxy_url}/#token={token}"
 
 
 def register(commands: Any) -> None:

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from server import metrics
 from server.auth import Action, AuthError, Principal, TokenVerifier
+from server.page import Page
 from server.presence import Presence
 from server.protocol import (
     HTTP_STATUS,
@@ -57,12 +58,17 @@ class HttpApi:
         self.verifier = verifier
         self.max_body = max_body
         self.readiness = readiness
+        self.page = Page()
 
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            # The TestExecution page: one shell for both views (it routes by path), and its assets.
+            Route("/", self.page.html, methods=["GET"]),
+            Route("/sessions/{session_id}", self.page.html, methods=["GET"]),
+            Route("/assets/{name}", self.page.asset, methods=["GET"]),
             Route("/api/sessions", self._authed("list_sessions", self.list_sessions), methods=["GET"]),
             Route("/api/sessions", self._authed("create_session", self.create_session), methods=["POST"]),
             Route("/api/sessions/{session_id}", self._authed("get_session", self.get_session), methods=["GET"]),

@@ -235,3 +235,42 @@ def test_installed_short_loadtest_passes_its_gate_from_an_empty_folder(installed
     assert "PASSED, every objective held" in done.stdout, tail
     summary = json.loads((results / "summary.json").read_text())
     assert summary["delivery"]["published"] > 0 and summary["delivery"]["gaps"] == 0, tail
+
+
+def test_wheel_ships_the_page_exactly_as_committed(installed: Path, tmp_path: Path):
+    """The built page is package data (pip install needs no Node): the installed copy is the
+    committed server/web/, byte for byte, so neither can go stale behind the other."""
+    where = subprocess.run(
+        [
+            str(installed / "python"),
+            "-c",
+            "import server, pathlib; print(pathlib.Path(server.__file__).parent / 'web')",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    shipped = Path(where) / "web"
+    committed = ROOT / "server" / "web"
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    assert files(committed), "server/web/ is empty: run ./scripts/build-web"
+    assert files(shipped) == files(committed)
+
+
+def test_token_url_prints_a_link_with_the_token_in_the_fragment(installed: Path, tmp_path: Path):
+    done = subprocess.run(
+        [str(installed / "testpulse"), "token", "--role", "operator", "--url", "http://127.0.0.1:8080/"],
+        cwd=tmp_path,
+        env=outside_env(installed, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    link = done.stdout.strip()
+    assert re.fullmatch(r"http://127\.0\.0\.1:8080/#token=[\w-]+\.[\w-]+\.[\w-]+", link), link

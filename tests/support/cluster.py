@@ -203,11 +203,14 @@ async def start_cluster(
     redis_url: str | None = None,
     env: Mapping[str, str] | None = None,
     start_timeout: float = 60.0,
+    port: int | None = None,
 ) -> RunningCluster:
-    """Run `testpulse cluster --json` in a process group of its own and wait for its JSON line."""
+    """Run `testpulse cluster --json` in a process group of its own and wait for its JSON line.
+    `port` is the proxy's (default: a free one): a second cluster on the first one's port is what
+    a client that stayed open meets when it reconnects."""
     os.makedirs(run_dir, exist_ok=True)
     output = run_dir / "cluster.out"
-    argv = [*testpulse_command(), "cluster", "--json", "--nodes", str(nodes), "--port", str(free_port())]
+    argv = [*testpulse_command(), "cluster", "--json", "--nodes", str(nodes), "--port", str(port or free_port())]
     argv += ["--database-url", database_url, "--run-dir", str(run_dir)]
     if redis_url is not None:
         argv += ["--redis-url", redis_url]
@@ -263,8 +266,9 @@ async def run_cluster(
     nodes: int = 3,
     redis_url: str | None = None,
     env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[RunningCluster]:
-    cluster = await start_cluster(run_dir, database_url, nodes=nodes, redis_url=redis_url, env=env)
+    cluster = await start_cluster(run_dir, database_url, nodes=nodes, redis_url=redis_url, env=env, port=port)
     try:
         yield cluster
     finally:
