@@ -424,6 +424,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             await self._pubsub.unsubscribe(*extra)
 
     def _confirm(self, channel: str) -> None:
+        if channel == self.channel and channel in self._subscribed:
+            # A second confirmation of the control channel on one pub/sub object: redis-py lost the
+            # connection and subscribed again by itself, below this listener. Whatever was published
+            # in between must be read from the store, as after a reconnect of our own.
+            metrics.REDIS_RECONNECTS.inc()
+            self._catch_up_pending = True
         self._requested.discard(channel)
         self._subscribed.add(channel)
         if channel not in self._wanted and channel not in self._waiters:

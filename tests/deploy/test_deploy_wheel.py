@@ -252,7 +252,7 @@ def test_wheel_ships_the_page_exactly_as_committed(installed: Path, tmp_path: Pa
         check=True,
         timeout=30,
     ).stdout.strip()
-    shipped = Path(where) / "web"
+    shipped = Path(where)
     committed = ROOT / "server" / "web"
 
     def files(folder: Path) -> dict[str, bytes]:
