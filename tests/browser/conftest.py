@@ -128,6 +128,9 @@ class Page:
 
         async def probe() -> bool:
             nonlocal last
+            # The page sets window.testpulse when its view mounts, which can be after `load`.
+            if not await self.eval("() => window.testpulse !== undefined"):
+                return False
             last = await self.testpulse()
             return check(last)
 
