@@ -86,6 +86,8 @@ class Page:
     # Set by a test that kills or restarts nodes: Chromium logs the cut socket.io requests
     # (`WebSocket connection ... failed`, `ERR_CONNECTION_REFUSED`), which are the outage under test.
     outages_expected: bool = False
+    # What problems() said when a test closed the page itself (the fixture reads it then).
+    problems_at_close: list[str] | None = None
 
     async def eval(self, js: str) -> Any:
         return await self.browser.call("eval", page=self.name, js=js)
@@ -105,6 +107,11 @@ class Page:
     async def problems(self) -> list[str]:
         return list(await self.browser.call("problems", page=self.name))
 
+    async def traffic(self) -> tuple[list[str], list[str]]:
+        """Every request and WebSocket URL the page opened, and every console message it wrote."""
+        seen = await self.browser.call("traffic", page=self.name)
+        return list(seen["urls"]), list(seen["console"])
+
     async def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.browser.call("screenshot", page=self.name, path=str(path))
@@ -113,6 +120,7 @@ class Page:
         return path
 
     async def close(self) -> None:
+        self.problems_at_close = await self.problems()
         await self.browser.call("close", page=self.name)
 
     async def wait_for(self, check: Callable[[dict[str, Any]], bool], what: str, deadline: float = 30.0) -> None:
@@ -120,6 +128,9 @@ class Page:
 
         async def probe() -> bool:
             nonlocal last
+            # The page sets window.testpulse when its view mounts, which can be after `load`.
+            if not await self.eval("() => window.testpulse !== undefined"):
+                return False
             last = await self.testpulse()
             return check(last)
 
@@ -313,10 +324,12 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
     yield opener
     problems = {}
     for page in pages:
-        found = await page.problems()
+        closed = page.problems_at_close is not None
+        found = page.problems_at_close if page.problems_at_close is not None else await page.problems()
         if page.outages_expected:
             found = [line for line in found if "/socket.io/" not in line]
         if found:
             problems[page.name] = found
-        await page.close()
+        if not closed:
+            await page.close()
     assert problems == {}, f"console errors or failed requests on the pages: {problems}"

@@ -8,6 +8,7 @@
 //   {"id":5,"cmd":"press","page":"p1","key":"Tab"}
 //   {"id":6,"cmd":"screenshot","page":"p1","path":"/tmp/x.png"}
 //   {"id":7,"cmd":"problems","page":"p1"}     console errors, page errors, failed requests so far
+//   {"id":11,"cmd":"traffic","page":"p1"}    every request and WebSocket URL and every console message so far
 //   {"id":8,"cmd":"metrics","page":"p1"}      CDP Performance.getMetrics (TaskDuration, JSHeapUsedSize, ...)
 //   {"id":9,"cmd":"close","page":"p1"}  {"id":10,"cmd":"quit"}
 // The browser is never downloaded: CHROMIUM (default /usr/bin/chromium) is the system's.
@@ -39,8 +40,11 @@ function out(obj) {
 async function open(name, url, viewport) {
   const context = await browser.newContext({ viewport: viewport || { width: 1280, height: 1000 } });
   const page = await context.newPage();
-  const entry = { page, context, problems: [], cdp: null };
+  const entry = { page, context, problems: [], cdp: null, urls: [], console: [] };
+  page.on("request", (req) => entry.urls.push(req.url()));
+  page.on("websocket", (ws) => entry.urls.push(ws.url()));
   page.on("console", (msg) => {
+    entry.console.push(`${msg.type()}: ${msg.text()}`);
     if (msg.type() !== "error" && msg.type() !== "warning") return;
     const where = msg.location() && msg.location().url ? ` (${msg.location().url.split("#")[0]})` : "";
     entry.problems.push(`console.${msg.type()}: ${msg.text()}${where}`);
@@ -76,6 +80,8 @@ async function handle(msg) {
       return msg.path;
     case "problems":
       return entry.problems;
+    case "traffic":
+      return { urls: entry.urls, console: entry.console };
     case "metrics": {
       if (!entry.cdp) {
         entry.cdp = await entry.context.newCDPSession(entry.page);

@@ -10,6 +10,8 @@ const BATCH_MS = 100;
 const BATCH_ABOVE_PER_SECOND = 300; // detections/s: above this the page asks for detection_batch
 const UNBATCH_BELOW_PER_SECOND = 50; // ... and below this (for UNBATCH_AFTER_SECONDS) it stops
 const UNBATCH_AFTER_SECONDS = 10;
+// connection_status follows CONNECT at once; a node that does not send it is joined after this.
+const GREETING_WAIT_MS = 2000;
 // Codes of a refused CONNECT after which retrying later can work (socket.io-client does not retry
 // a refused CONNECT by itself).
 const TRANSIENT_REFUSALS = new Set(["rate_limited", "server_draining", "unavailable"]);
@@ -55,6 +57,8 @@ export class Live {
     this.tokenExpiresAt = null;
     this.tokenInUse = currentToken();
     this.joinGeneration = 0;
+    this.joinedConnection = null; // the socket id the page has joined on
+    this.greetingTimer = null;
     initialTestpulse(sessionId);
 
     this.socket = io(location.origin, {
@@ -72,6 +76,7 @@ export class Live {
 
   close() {
     clearInterval(this.ticker);
+    clearTimeout(this.greetingTimer);
     this.stopTokenWatch();
     this.socket.close();
   }
@@ -109,7 +114,11 @@ export class Live {
       this.notice = null;
       this.tokenInUse = currentToken();
       this.setConnection("connected");
-      this.join(s.id);
+      // The join waits for connection_status: only its `protocol` says whether this node takes
+      // `presence: true`, and a join without it gets no presence_update for this connection.
+      const connectionId = s.id;
+      clearTimeout(this.greetingTimer);
+      this.greetingTimer = setTimeout(() => this.joinOnce(connectionId), GREETING_WAIT_MS);
     });
     s.on("connection_status", (d) => {
       this.node = d && d.node ? String(d.node) : null;
@@ -118,6 +127,7 @@ export class Live {
       if (this.protocol < 2) this.presence = null;
       publish({ node: this.node });
       this.changed();
+      this.joinOnce(s.id);
     });
     s.on("disconnect", (reason) => {
       this.replaying = null;
@@ -187,6 +197,14 @@ export class Live {
     if (this.session) this.session = { ...this.session, status: u.status, updated_at: u.updated_at };
     publish({ status: u.status });
     this.changed();
+  }
+
+  joinOnce(connectionId) {
+    const s = this.socket;
+    if (this.joinedConnection === connectionId || !s.connected || s.id !== connectionId) return;
+    this.joinedConnection = connectionId;
+    clearTimeout(this.greetingTimer);
+    this.join(connectionId);
   }
 
   async join(connectionId, { sameConnection = false } = {}) {

@@ -17,8 +17,12 @@ export function LiveView({ sessionId, transports }) {
   const [, setFrame] = useState(0);
 
   useEffect(() => onTokenChange(setTokenState), []);
+  // One Live for as long as there is a token: a new token goes to the Live's own listener (sent
+  // with refresh_token on protocol 2, used at the next connect before), so it must not close and
+  // recreate the connection, which would drop the feed the refresh is meant to keep.
+  const hasToken = Boolean(token);
   useEffect(() => {
-    if (!token || live) return undefined;
+    if (!hasToken) return undefined;
     let dirty = true;
     const created = new Live(sessionId, { transports, onChange: () => (dirty = true) });
     let version = -1;
@@ -33,8 +37,9 @@ export function LiveView({ sessionId, transports }) {
     return () => {
       clearInterval(timer);
       created.close();
+      setLive(null);
     };
-  }, [token]);
+  }, [hasToken]);
 
   if (!token) return html`<${Header}>${sessionId}<//><main><${TokenForm} /></main>`;
   if (!live) return html`<${Header}>${sessionId}<//><main><p>Connecting…</p></main>`;
