@@ -76,6 +76,9 @@ class Feed:
     retry_delay: float = RETRY_SECONDS_MIN
     status_check: asyncio.Task[None] | None = None
     status_check_wanted: bool = False
+    # sid -> updated_at of the status its join answered with, for members that joined knowing a
+    # change this node had not delivered yet: it must not reach them a second time.
+    status_floors: dict[str, str] = field(default_factory=dict)
     # Backpressure: cleared while some member's queue is above the high-water mark.
     room: asyncio.Event = field(default_factory=asyncio.Event)
     room_watch: asyncio.Task[None] | None = None
@@ -193,9 +196,13 @@ class Feeds:
                 feed.live[sid] = socket
             self._memberships[sid].add(session.id)
             # Status changes delivered while this client replayed, after the one its ack names.
-            missed = feed.trail.since(session.status.value, iso(session.updated_at))
+            known_at = iso(session.updated_at)
+            missed = feed.trail.since(session.status.value, known_at)
             if missed is None:
-                self._want_status_check(feed)  # the store and this node disagree: ask the store
+                # The store is ahead of this node's trail (its announcement is still on the way, or
+                # was lost): the client has that change from its ack, so hold it back from it.
+                feed.status_floors[sid] = known_at
+                self._want_status_check(feed)
             else:
                 for update in missed:
                     self._send(socket, "test_session_update", update)
@@ -242,8 +249,16 @@ class Feeds:
     def _deliver_status(self, feed: Feed, update: dict[str, Any]) -> None:
         feed.trail.delivered(update)
         pkt = self._packet("test_session_update", update)
+        floors = feed.status_floors
+        at = str(update.get("updated_at"))
         sent = 0
-        for socket in feed.sockets():
+        for sid, socket in feed.members():
+            if floors:
+                floor = floors.get(sid)
+                if floor is not None:
+                    if at <= floor:  # one ISO 8601 format: compares as text
+                        continue
+                    del floors[sid]
             if not socket.closed:
                 socket.queue.put_nowait(pkt)
                 sent += 1
@@ -449,6 +464,7 @@ class Feeds:
         if feed is None:
             return
         feed.live.pop(sid, None)
+        feed.status_floors.pop(sid, None)
         feed.order.forget(sid)
         for window in feed.windows.values():
             window.members.pop(sid, None)
