@@ -230,6 +230,7 @@ async def test_sigterm_drains_a_node_commits_its_queued_writes_and_loses_nothing
         assert not viewer.problems(last), f"{viewer.name}: {viewer.problems(last)}; {viewer.summary()}"
         if viewer.joins[0].node == victim.id:
             assert any(e.get("code") == "server_draining" for e in viewer.errors), viewer.summary()
-            assert viewer.node != victim.id
+            # It came back by itself (its client's own reconnection): a connection after the drain.
+            assert viewer.connections >= 2, viewer.summary()
         else:
             assert not viewer.errors and len(viewer.joins) == 1, viewer.summary()

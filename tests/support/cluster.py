@@ -390,6 +390,11 @@ class Viewer:
     def connected(self) -> bool:
         return bool(self._sio.connected)
 
+    @property
+    def connections(self) -> int:
+        """How many times the client has connected (its own reconnections included)."""
+        return self._connection
+
     async def start(self, *, deadline: float = 20.0) -> Viewer:
         """Connect and join; returns once the first join is acknowledged."""
         await self._sio.connect(
@@ -502,7 +507,8 @@ class Viewer:
 
     def summary(self) -> str:
         return (
-            f"{len(self.seqs)} seqs (last {self.last_seq}), nodes {self.nodes}, joins {len(self.joins)}, "
+            f"{len(self.seqs)} seqs (last {self.last_seq}), connections {self._connection}, nodes {self.nodes}, "
+            f"joins {len(self.joins)}, "
             f"errors {self.errors[-3:]}, disconnects {len(self.disconnects)}, failures {self.failures[-3:]}"
         )
 
