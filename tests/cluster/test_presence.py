@@ -61,6 +61,8 @@ async def test_one_sub_on_two_nodes_counts_once_and_leaves_only_with_its_last_co
         members = (await presence_at(cluster.proxy, cluster, session_id))["members"]
         return next((m["connections"] for m in members if m["sub"] == "roaming"), None)
 
+    # Each node writes its members in batches: the second connection of "roaming" may be a batch late.
+    await wait_value(roaming_connections, 2)
     presence = await presence_at(first.url, cluster, session_id)
     assert presence["count"] == 2
     assert {"sub": "roaming", "role": "operator", "connections": 2} in presence["members"], "the highest role"
