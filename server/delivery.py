@@ -87,7 +87,7 @@ class Feed:
         self.room.set()
 
     def sockets(self) -> list[Any]:
-        return [*self.live.values(), *(s for w in self.windows.values() for s in w.members.values())]
+        return [socket for _, socket in self.members()]
 
     def members(self) -> list[tuple[str, Any]]:
         """(sid, engine.io socket) of every member, live or batched."""

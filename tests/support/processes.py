@@ -216,6 +216,19 @@ def postgres_bindir() -> Path:
     return Path(initdb).parent
 
 
+def postgres_argv(bindir: Path, data: Path, port: int, socket_dir: Path, *, max_connections: int) -> list[str | Path]:
+    """A test server: loopback only, its socket in `socket_dir`, and durability traded for speed."""
+    settings = {
+        "listen_addresses": HOST,
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        "max_connections": str(max_connections),
+    }
+    options = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
+    return [bindir / "postgres", "-D", data, "-p", str(port), "-k", socket_dir, *options]
+
+
 @asynccontextmanager
 async def throwaway_postgres(database: str = "testpulse") -> AsyncIterator[str]:
     """A private PostgreSQL on a free port, yielding an asyncpg SQLAlchemy URL to a fresh `database`.
@@ -257,25 +270,7 @@ async def throwaway_postgres(database: str = "testpulse") -> AsyncIterator[str]:
         port = free_port()
         server = await spawn(
             "postgres",
-            [
-                bindir / "postgres",
-                "-D",
-                data,
-                "-p",
-                str(port),
-                "-k",
-                workdir,
-                "-c",
-                f"listen_addresses={HOST}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ],
+            postgres_argv(bindir, data, port, workdir, max_connections=200),
             log_path=workdir / "postgres.log",
             user=user,
             stop_signal=signal.SIGINT,  # "fast" shutdown: SIGTERM would wait for every client to leave
@@ -526,25 +521,7 @@ class PostgresServer:
         self.starts += 1
         self.process = await spawn(
             "postgres",
-            [
-                postgres_bindir() / "postgres",
-                "-D",
-                self.data,
-                "-p",
-                str(self.port),
-                "-k",
-                self.workdir,
-                "-c",
-                f"listen_addresses={HOST}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=300",
-            ],
+            postgres_argv(postgres_bindir(), self.data, self.port, self.workdir, max_connections=300),
             log_path=self.workdir / "postgres.log",
             user="postgres" if os.geteuid() == 0 else None,
             stop_signal=signal.SIGINT,  # what `pg_ctl stop -m fast` sends: roll back, disconnect everyone
