@@ -39,11 +39,14 @@ class StatusTrail:
     """The last status delivered for one session (with the time of that change), and the last
     few updates delivered, as `test_session_update` payloads."""
 
-    __slots__ = ("_delivered", "_keys", "status", "updated_at")
+    __slots__ = ("_delivered", "_keys", "_origin", "status", "updated_at")
 
     def __init__(self, status: str, updated_at: str) -> None:
         self.status = status
         self.updated_at = updated_at
+        # The state the trail started from, while every update delivered since is still remembered:
+        # a member whose join read that same state needs all of them.
+        self._origin: tuple[str, str] | None = (status, updated_at)
         self._delivered: deque[dict[str, Any]] = deque(maxlen=HISTORY_MAX)
         self._keys: deque[tuple[str, str]] = deque([(status, updated_at)], maxlen=HISTORY_MAX + 1)
 
@@ -57,6 +60,8 @@ class StatusTrail:
     def delivered(self, update: Mapping[str, Any]) -> None:
         """Record that `update` went out to the session's members."""
         self.status, self.updated_at = _key(update)
+        if len(self._delivered) == HISTORY_MAX:
+            self._origin = None
         self._delivered.append(dict(update))
         self._keys.append((self.status, self.updated_at))
 
@@ -68,6 +73,8 @@ class StatusTrail:
         knowing that state; None when it is older than what this trail remembers."""
         if self.knows(status, updated_at):
             return []
+        if (status, updated_at) == self._origin:
+            return list(self._delivered)
         for index, update in enumerate(self._delivered):
             if _key(update) == (status, updated_at):
                 return list(self._delivered)[index + 1 :]

@@ -72,6 +72,16 @@ def test_a_joining_member_gets_what_was_delivered_after_the_state_its_ack_named(
     assert trail.since("running", "t3") == []
 
 
+def test_a_member_that_joined_knowing_the_state_the_trail_started_from_gets_every_change_since() -> None:
+    # The feed was made from the same session read as this member's join; a pause then reached the
+    # node before the member went live. The member knows only the starting state, so it needs the pause.
+    trail = StatusTrail("running", "t1")
+    trail.delivered(PAUSE)
+    assert trail.since("running", "t1") == [PAUSE]
+    trail.delivered(RESUME)
+    assert trail.since("running", "t1") == [PAUSE, RESUME]
+
+
 def test_a_state_older_than_the_history_is_unknown() -> None:
     trail = StatusTrail("running", "t0")
     for i in range(HISTORY_MAX + 1):
