@@ -128,6 +128,10 @@ class Feeds:
         self._low_water = client_queue_max // 10
         self._feeds: dict[str, Feed] = {}
         self._memberships: dict[str, set[str]] = {}  # sid -> session ids it joined here
+        # (sid, session id) -> the number of the latest join asked. A client that asks a join again
+        # (its ack was late: socket.io-client's timeout, then a retry) supersedes the one still
+        # under way, which then stops before sending more and is not seated.
+        self._join_turns: dict[tuple[str, str], int] = {}
 
     # ---- membership --------------------------------------------------------------------------
 
@@ -149,13 +153,41 @@ class Feeds:
     def sessions_of(self, sid: str) -> set[str]:
         return set(self._memberships.get(sid, ()))
 
+    def claim_join(self, sid: str, session_id: str) -> int:
+        """Take the next turn to join: every earlier join of this client to this session is superseded."""
+        key = (sid, session_id)
+        turn = self._join_turns[key] = self._join_turns.get(key, 0) + 1
+        return turn
+
+    def superseded(self, sid: str, session_id: str, turn: int) -> bool:
+        return self._join_turns.get((sid, session_id), turn) != turn
+
+    def release_join(self, sid: str, session_id: str, turn: int) -> None:
+        key = (sid, session_id)
+        if self._join_turns.get(key) == turn:
+            del self._join_turns[key]
+
     async def join(
-        self, sid: str, session: Session, last_seq: int | None, batch_ms: int = 0, status_since: str | None = None
+        self,
+        sid: str,
+        session: Session,
+        last_seq: int | None,
+        batch_ms: int = 0,
+        status_since: str | None = None,
+        *,
+        turn: int,
     ) -> int:
         """Replay the status changes after `status_since` (none when it is None) and the detections
         after `last_seq` (none when it is None), then go live. Returns the number of detections
-        replayed. Raises ProtocolError when the client is gone or asks beyond the log."""
+        replayed. Raises ProtocolError when the client is gone, asks beyond the log, or asked to
+        join again meanwhile (`turn`, from claim_join)."""
         check_last_seq(last_seq, session.last_seq)
+
+        def check_turn() -> None:
+            if self.superseded(sid, session.id, turn):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "superseded by a later join_session of this session")
+
+        check_turn()
         joined = self._memberships.get(sid)
         if joined is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "client is disconnecting")
@@ -168,13 +200,16 @@ class Feeds:
             if status_since is not None:
                 async with self._reads:
                     transitions = await self._history.transitions(session.id)
+                check_turn()
                 current = (session.status.value, iso(session.updated_at))
                 for update in replay_for(transitions, status_since, current):
                     self._send(socket, "test_session_update", update)
             replay = feed.order.replay(last_seq)
             replayed = 0
             while (read := replay.next_read(self._page)) is not None:
-                page = replay.take(await self._log.since(session.id, read.after_seq, read.limit))
+                rows = await self._log.since(session.id, read.after_seq, read.limit)
+                check_turn()
+                page = replay.take(rows)
                 if batch_ms:
                     self._send(socket, "detection_batch", _batch(session.id, page))
                 else:
@@ -187,6 +222,7 @@ class Feeds:
             # From here to the end: no await, so the feed cannot advance under us.
             if sid not in self._memberships:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "client disconnected during replay")
+            check_turn()
             if batch_ms:
                 window = feed.windows.get(batch_ms) or feed.windows.setdefault(batch_ms, Window(batch_ms))
                 window.floors[sid] = replay.batch_floor()

@@ -491,14 +491,19 @@ class Realtime:
         # Subscribe first, read second: whatever commits after the read is published after the
         # subscription is confirmed, so it reaches this node; whatever committed before is replayed.
         room = session_room(req.session_id)
-        await self.sio.enter_room(sid, room)
+        turn = self.feeds.claim_join(sid, req.session_id)
         try:
+            await self.sio.enter_room(sid, room)
             session = await self.hub.get(conn.principal, req.session_id)
-            replayed = await self.feeds.join(sid, session, req.last_seq, req.batch_ms, req.status_since)
+            replayed = await self.feeds.join(sid, session, req.last_seq, req.batch_ms, req.status_since, turn=turn)
         except ProtocolError:
-            if req.session_id not in self.feeds.sessions_of(sid):
+            # A join asked again meanwhile still needs the room (and this node's subscription).
+            superseded = self.feeds.superseded(sid, req.session_id, turn)
+            if not superseded and req.session_id not in self.feeds.sessions_of(sid):
                 await self.sio.leave_room(sid, room)
             raise
+        finally:
+            self.feeds.release_join(sid, req.session_id, turn)
         # After the awaits: the connection may have gone meanwhile, and must not be seated then.
         if sid in self.connections:
             principal = conn.principal
@@ -516,7 +521,11 @@ class Realtime:
         req = StartRequest.parse(payload)
         session = await self.hub.start(conn.principal, req)
         await self.sio.enter_room(sid, session_room(session.id))
-        await self.feeds.join(sid, session, None)
+        turn = self.feeds.claim_join(sid, session.id)
+        try:
+            await self.feeds.join(sid, session, None, turn=turn)
+        finally:
+            self.feeds.release_join(sid, session.id, turn)
         # A detector may have published between the start and this node's subscription.
         self.feeds.resync(session.id)
         if sid in self.connections:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
-from support.client import Client
+from support.client import Client, detection
 from support.nodes import Connect, NodeUnderTest
 
 pytestmark = pytest.mark.contract
@@ -396,3 +397,26 @@ async def test_status_since_must_be_an_iso_time(node: NodeUnderTest, connect: Co
     session_id = (await operator.start_session())["id"]
     error = await operator.refused("join_session", {"session_id": session_id, "status_since": bad})
     assert error["code"] == "bad_request" and "status_since" in error["message"], error
+
+
+async def test_a_join_asked_again_before_its_ack_supersedes_the_one_still_replaying(
+    node: NodeUnderTest, connect: Connect
+) -> None:
+    """A client whose join ack is late asks again on the same connection (socket.io-client's own
+    timeout, then a retry): the first join stops before sending more, its ack says it was
+    superseded, and the client holds each detection once, from the second join's replay."""
+    admin = await connect(node, "admin")
+    session_id = (await admin.start_session())["id"]
+    total = 1500  # three replay pages of 500: the second join arrives while the first is replaying
+    for start in range(0, total, 100):
+        batch = [detection(i) for i in range(start, start + 100)]
+        await admin.ok("publish_detections", {"session_id": session_id, "detections": batch})
+    viewer = await connect(node, "viewer")
+    request = {"session_id": session_id, "last_seq": 0}
+    first, second = await asyncio.gather(viewer.call("join_session", request), viewer.call("join_session", request))
+    assert first["ok"] is False and "superseded" in first["error"]["message"], first
+    assert second["ok"] is True and second["replayed"] == total, second
+    await viewer.wait_for_seqs(session_id, total)
+    seq = await admin.publish(session_id, total)
+    await viewer.wait_for_seqs(session_id, total + 1)
+    assert viewer.seqs(session_id) == list(range(1, seq + 1)), "each detection once, in order, then live"
