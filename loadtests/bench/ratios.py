@@ -51,7 +51,7 @@ def _value(measure: Measure, run: dict[str, Any] | None) -> float | None:
         value = measure.value(run)
     except (KeyError, TypeError):
         return None
-    return float(value) if value is not None else None
+    return value
 
 
 def ratios(results: dict[str, dict[str, Any]], baselines: tuple[str, ...]) -> list[dict[str, Any]]:
