@@ -755,6 +755,13 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(
             f"  fanout vs node: node CPU {a} vs {b} µs per delivery (<= node's): " + ("met" if a <= b else "NOT met")
         )
+    acks = (tp["publisher"]["ack_ms"]["p50"], nd["publisher"]["ack_ms"]["p50"]) if tp and nd else (None, None)
+    if acks[0] is not None and acks[1] is not None:
+        good = acks[0] <= acks[1] + 2
+        lines.append(
+            f"  fanout vs node: publish ack p50 {acks[0]} vs {acks[1]} ms (<= node's + 2 ms): "
+            + ("met" if good else "NOT met")
+        )
     tp = get("idle", "testpulse")
     if tp and tp["kb_per_client"] is not None:
         lines.append(

@@ -35,6 +35,7 @@ MEASURES = (
     Measure("fanout", "latency p50 ms", "lower", lambda r: r["latency_ms"]["p50"]),
     Measure("fanout", "latency p99 ms", "lower", lambda r: r["latency_ms"]["p99"]),
     Measure("fanout", "node CPU µs per delivery", "lower", lambda r: r.get("node_cpu_us_per_delivery")),
+    Measure("fanout", "publish ack p50 ms", "lower", lambda r: r["publisher"]["ack_ms"]["p50"]),
     Measure("overload", "deliveries/s", "higher", lambda r: r["deliveries_per_s"]),
     Measure("overload", "lost", "lower", lambda r: r["lost"]),
     Measure("overload", "node CPU µs per delivery", "lower", lambda r: r.get("node_cpu_us_per_delivery")),
