@@ -1,8 +1,10 @@
-"""`python -m loadtests.bench cluster`: testpulse against the stock python-socketio cluster, both
-behind the repo's nginx.conf (rendered by server.cluster) with Redis, on loopback.
+"""`python -m loadtests.bench cluster`: testpulse against two baselines, the stock python-socketio
+cluster and Node.js socket.io with @socket.io/redis-adapter, each behind the repo's nginx.conf
+(rendered by server.cluster) with Redis, on loopback.
 
-Each scenario runs on a fresh testpulse cluster and then on a fresh stock cluster (same nodes,
-same nginx config, same load generator). Clients are WebSocket-only: the stock server's session
+Each scenario runs on a fresh testpulse cluster, then on a fresh stock cluster, then on a fresh
+node cluster (same nodes, same nginx config, same load generator); the summary gives testpulse's
+ratio to each baseline from the same run. Clients are WebSocket-only: the baselines' session
 ids carry no node tag, so long-polling could not be routed to its node by the proxy, while a
 WebSocket opened directly needs no stickiness (the handshake is the connection).
 
@@ -42,7 +44,10 @@ from loadtests.bench.common import (
 )
 from loadtests.bench.loadgen import Pool
 from loadtests.bench.publisher import Publisher
+from loadtests.bench.ratios import ratios
+from loadtests.bench.ratios import render as render_ratios
 from loadtests.bench.systems import (
+    NodeBaselineCluster,
     StockCluster,
     System,
     TestpulseCluster,
@@ -52,13 +57,19 @@ from loadtests.bench.systems import (
 from loadtests.bench.wire import http_session, percentiles, sparse_from_values
 
 SCENARIOS = ("storm", "storm-presence", "fanout", "overload", "maxrate", "idle", "routing")
-SYSTEMS = ("testpulse", "stock")
+SYSTEMS = ("testpulse", "stock", "node")
+BASELINES = ("stock", "node")  # the systems testpulse is compared with; they share stock_server.py's events
 PRESENCE_ON = "testpulse+presence"
+_BASELINE_NAMES = {"stock": "stock python-socketio", "node": "Node.js socket.io + @socket.io/redis-adapter"}
 
 
 def start_system(kind: str, args: argparse.Namespace) -> System:
     if kind == "stock":
         return StockCluster(args.nodes, shlex.split(args.stock_uvicorn_args))
+    if kind == "node":
+        return NodeBaselineCluster(args.nodes)
+    if kind != "testpulse":
+        raise ValueError(f"unknown system {kind!r} (known: {', '.join(SYSTEMS)})")
     from loadtests.bench.node_bench import database_url
 
     return TestpulseCluster(args.nodes, database_url(args.db))
@@ -72,7 +83,7 @@ async def viewers_join(
             "url": url or system.proxy_url,
             "token": system.token("viewer", f"bench-viewer-{i}"),
             "session": sessions[i % len(sessions)],
-            # Extension: detection_batch frames (testpulse only; the stock server has no such thing).
+            # Extension: detection_batch frames (testpulse only; the baselines have no such thing).
             "batch_ms": args.batch_ms if system.kind == "testpulse" else 0,
         }
         for i in range(count)
@@ -91,6 +102,12 @@ async def publisher_for(system: System, http: aiohttp.ClientSession, url: str | 
 
 def clients_per_node(counters: dict[str, dict[str, float]]) -> dict[str, int]:
     return {node: int(c.get("clients", 0)) for node, c in counters.items()}
+
+
+def cpu_us_per_delivery(system: System, usage: dict[str, Any], deliveries: int) -> float | None:
+    """CPU time of all node processes (user + system, from the sampler) over the deliveries made."""
+    spent = sum(usage["cpu_s"].get(node, 0.0) for node in system.node_pids())
+    return round(1e6 * spent / deliveries, 1) if deliveries else None
 
 
 # ---- scenarios -------------------------------------------------------------------------------
@@ -163,6 +180,7 @@ async def fanout(
         metrics_after = await system.metrics_snapshot(http)
         await publisher.close()
     result |= {
+        "node_cpu_us_per_delivery": cpu_us_per_delivery(system, usage, result["deliveries"]),
         "server_latency": system.server_latency(metrics_before, metrics_after) if metrics_after else None,
         "viewers_joined": joined["ok"],
         "join_failures": joined["failures"],
@@ -219,7 +237,9 @@ async def maxrate(system: System, pool: Pool, args: argparse.Namespace) -> dict[
                 and p99 is not None
                 and p99 <= args.max_p99_ms
             )
+            usage = sampler.stop()
             return result | {
+                "node_cpu_us_per_delivery": cpu_us_per_delivery(system, usage, result["deliveries"]),
                 "rate": rate,
                 "achieved_send_rate": round(achieved, 1),
                 "kept_up": kept_up,
@@ -227,7 +247,7 @@ async def maxrate(system: System, pool: Pool, args: argparse.Namespace) -> dict[
                 "sustained": sustained,
                 "publisher_errors": dict(publisher.errors),
                 "loadavg_1m": load_average()[0],
-                "resources": sampler.stop(),
+                "resources": usage,
             }
 
         best: dict[str, Any] | None = None
@@ -336,21 +356,30 @@ async def routing(system: System, pool: Pool, args: argparse.Namespace) -> dict[
         delta = {k: after[node].get(k, 0) - before[node].get(k, 0) for k in after[node]}
         from_other_nodes_needed = 0 if node == publisher_node else in_watched
         if system.kind == "stock":
-            decoded = int(delta["redis_received"])
+            decoded = read = int(delta["redis_received"])
             remote = int(delta["remote_emits"])
             unwatched = int(delta["remote_emits_unwatched"])
             own_echoes = decoded - remote
+        elif system.kind == "node":
+            # @socket.io/redis-adapter reads every message of the namespace's pattern but decodes only
+            # those for rooms with a member here (it tells the room from the channel name).
+            read = int(delta["redis_received"])
+            decoded = int(delta["redis_decoded"])
+            remote = int(delta["remote_emits"])
+            unwatched = int(delta["remote_emits_unwatched"])
+            own_echoes = read - remote
         else:
             # The metric counts messages from other nodes; a node also reads back (and verifies, then
             # drops) its own messages on the room channels it is subscribed to: computed, not counted.
             remote = int(delta["redis_received"])
             own_echoes = in_watched if node == publisher_node else 0
-            decoded = remote + own_echoes
+            decoded = read = remote + own_echoes
             unwatched = 0  # a node subscribes only to the rooms of its own clients
         per_node[node] = {
             "sessions_watched": len(watched),
             "detections_in_watched": in_watched,
             "detections_in_unwatched": total - in_watched,
+            "redis_messages_read": read,
             "redis_messages_decoded": decoded,
             "needed_from_other_nodes": from_other_nodes_needed,
             "for_unwatched_sessions": unwatched,
@@ -424,6 +453,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k != "run"}
+    unknown = [kind for kind in args.systems if kind not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
     document: dict[str, Any] = {"benchmark": "cluster", "environment": environment(), "settings": settings}
     results: dict[str, dict[str, Any]] = {}
     pool = Pool(args.workers)
@@ -447,6 +479,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         pool.shutdown()
     document["results"] = results
+    document["ratios"] = ratios(results, BASELINES)
     document["environment"]["loadavg_at_end"] = load_average()
     print(render(document, args))
     path = save(args.out, "cluster", document)
@@ -513,8 +546,9 @@ def _cpu(r: dict[str, Any]) -> str:
 def render(document: dict[str, Any], args: argparse.Namespace) -> str:
     env = document["environment"]
     res = document["results"]
+    versus = " and ".join(_BASELINE_NAMES[b] for b in BASELINES if b in args.systems) or "no baseline"
     out = [
-        f"testpulse cluster benchmark vs stock python-socketio  ({env['command']})",
+        f"testpulse cluster benchmark vs {versus}  ({env['command']})",
         f"{args.nodes} nodes behind nginx (repo nginx.conf), Redis, WebSocket-only clients from "
         f"{args.workers} generator processes; load avg at start {env['loadavg_at_start']} at end "
         f"{env['loadavg_at_end']} ({env['cpus']} cpus)",
@@ -542,7 +576,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
         rows = []
         for kind, r in res[name].items():
             if not ok(r):
-                rows.append([kind, r["error"], *[""] * 12])
+                rows.append([kind, r["error"], *[""] * 13])
                 continue
             pub = r["publisher"]
             rows.append(
@@ -562,6 +596,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{r['drain_s']}"
                     + ("" if r["drained"] else " (acked not all delivered)")
                     + ("" if r.get("quiet_at_end", True) else " (still arriving)"),
+                    r.get("node_cpu_us_per_delivery"),
                     " ".join(f"{k}={v:.0f}" for k, v in r["rss_peak_mb"].items() if k.startswith("node")),
                     r["loadavg_1m"],
                     _cpu(r),
@@ -572,7 +607,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
             table(
                 [
                     *("system", "viewers", "acked", "pub errors", "deliv/s", "delivered", "p50 ms", "p99 ms", "lost"),
-                    *("reordered", "closed", "drain s", "node RSS peak MB", "load1", "cpu%"),
+                    *("reordered", "closed", "drain s", "node cpu µs/deliv", "node RSS peak MB", "load1", "cpu%"),
                 ],
                 rows,
             )
@@ -626,7 +661,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
         rows = []
         for kind, r in res["routing"].items():
             if not ok(r) or "skipped" in r:
-                rows.append([kind, r.get("error") or r.get("skipped"), *[""] * 8])
+                rows.append([kind, r.get("error") or r.get("skipped"), *[""] * 9])
                 continue
             for node, v in r["per_node"].items():
                 rows.append(
@@ -635,6 +670,7 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
                         node + (" (publisher)" if node == r["publisher_on"] else ""),
                         v["sessions_watched"],
                         f"{v['detections_in_watched']}/{v['detections_in_unwatched']}",
+                        v.get("redis_messages_read", v["redis_messages_decoded"]),
                         v["redis_messages_decoded"],
                         v["needed_from_other_nodes"],
                         v["for_unwatched_sessions"],
@@ -651,12 +687,13 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
         out.append(
             table(
                 [
-                    *("system", "node", "sessions", "det watched/unwatched", "redis msgs decoded", "needed"),
-                    *("for unwatched", "own echoes", "node cpu%", "load1"),
+                    *("system", "node", "sessions", "det watched/unwatched", "redis msgs read", "decoded"),
+                    *("needed", "for unwatched", "own echoes", "node cpu%", "load1"),
                 ],
                 rows,
             )
         )
+    out += render_ratios(document.get("ratios") or [], list(args.systems), BASELINES)
     out += ["", "targets:", *targets(res)]
     return "\n".join(out)
 
@@ -704,6 +741,27 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(
             f"  maxrate: {a} vs stock {b} deliveries/s = {ratio} (>= 2x): " + ("met" if b and a >= 2 * b else "NOT met")
         )
+    # Issue 14 measures testpulse against Node.js socket.io (the storm bound is for PostgreSQL, --db).
+    tp, nd = get("storm", "testpulse"), get("storm", "node")
+    if tp and nd and nd["joins_per_s"]:
+        ratio = tp["joins_per_s"] / nd["joins_per_s"]
+        lines.append(
+            f"  storm vs node: joins/s {tp['joins_per_s']} vs {nd['joins_per_s']} = {ratio:.2f}x (>= 1.2x): "
+            + ("met" if ratio >= 1.2 else "NOT met")
+        )
+    tp, nd = get("fanout", "testpulse"), get("fanout", "node")
+    if tp and nd and tp.get("node_cpu_us_per_delivery") and nd.get("node_cpu_us_per_delivery"):
+        a, b = tp["node_cpu_us_per_delivery"], nd["node_cpu_us_per_delivery"]
+        lines.append(
+            f"  fanout vs node: node CPU {a} vs {b} µs per delivery (<= node's): " + ("met" if a <= b else "NOT met")
+        )
+    acks = (tp["publisher"]["ack_ms"]["p50"], nd["publisher"]["ack_ms"]["p50"]) if tp and nd else (None, None)
+    if acks[0] is not None and acks[1] is not None:
+        good = acks[0] <= acks[1] + 2
+        lines.append(
+            f"  fanout vs node: publish ack p50 {acks[0]} vs {acks[1]} ms (<= node's + 2 ms): "
+            + ("met" if good else "NOT met")
+        )
     tp = get("idle", "testpulse")
     if tp and tp["kb_per_client"] is not None:
         lines.append(
@@ -721,11 +779,11 @@ def _csv(kind: type) -> Any:
 
 
 def register(commands: Any) -> None:
-    p = commands.add_parser("cluster", help="testpulse vs stock python-socketio, N nodes behind nginx")
+    p = commands.add_parser("cluster", help="testpulse vs stock python-socketio and Node.js socket.io, N nodes")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--db", default="sqlite", help="testpulse database: sqlite (temp file, default) or a PostgreSQL URL")
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS), help=",".join(SCENARIOS))
-    p.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="testpulse,stock")
+    p.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help=",".join(SYSTEMS))
     p.add_argument("--seconds", type=float, default=10.0, help="publishing time of fanout, overload, routing")
     p.add_argument("--workers", type=int, default=2, help="load-generator processes")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="per client, connect + join")

@@ -1,6 +1,7 @@
 """Systems under test, started and stopped by the benchmarks: one testpulse node, a testpulse
 cluster (server.cluster.Cluster: Redis, N nodes, the repo's nginx.conf) and the same cluster
-shape running the stock python-socketio server (stock_server.py) behind the same nginx config.
+shape running the stock python-socketio server (stock_server.py) or the Node.js baseline
+(node_baseline/server.js: socket.io with @socket.io/redis-adapter) behind the same nginx config.
 Also: tokens, sessions, node counters, and a sampler of CPU and RSS per process."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,7 +306,30 @@ class _StockNodes(Cluster):
         self._spawn(spec.node_id, argv, env)
 
 
-class StockCluster(_ClusterSystem):
+class _BaselineCluster(_ClusterSystem):
+    """A cluster of one of the baselines: the stock server's events, no auth, no database, so no
+    tokens, sessions that are just names, and counters from each node's `/stats`."""
+
+    def token(self, role: str, sub: str) -> str | None:
+        return None
+
+    async def metrics_snapshot(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
+        return {}
+
+    async def create_sessions(self, http: aiohttp.ClientSession, count: int) -> list[str]:
+        run = secrets.token_hex(4)
+        return [f"{self.kind}-{run}-{i:04d}" for i in range(count)]
+
+    async def node_counters(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for node, url in self.node_urls.items():
+            async with http.get(f"{url}/stats") as resp:
+                stats = await resp.json()
+            out[node] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        return out
+
+
+class StockCluster(_BaselineCluster):
     kind = "stock"
     extra_args: tuple[str, ...] = ()
 
@@ -321,26 +346,50 @@ class StockCluster(_ClusterSystem):
             os.chdir(cwd)
         self._started()
 
-    def token(self, role: str, sub: str) -> str | None:
-        return None
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "uvicorn_extra_args": list(self.extra_args)}
 
-    async def metrics_snapshot(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
-        return {}
 
-    async def create_sessions(self, http: aiohttp.ClientSession, count: int) -> list[str]:
-        run = secrets.token_hex(4)
-        return [f"stock-{run}-{i:04d}" for i in range(count)]
+NODE_BASELINE = Path(__file__).resolve().parent / "node_baseline"
 
-    async def node_counters(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for node, url in self.node_urls.items():
-            async with http.get(f"{url}/stats") as resp:
-                stats = await resp.json()
-            out[node] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
-        return out
+
+def node_binary() -> str:
+    found = shutil.which("node")
+    if found is None:
+        raise RuntimeError("the node baseline needs Node.js (`node` on PATH); ./scripts/setup installs it")
+    if not (NODE_BASELINE / "node_modules" / "socket.io").is_dir():
+        raise RuntimeError(f"{NODE_BASELINE}/node_modules is missing: run ./scripts/setup (npm ci there)")
+    return found
+
+
+class _NodeBaselineNodes(Cluster):
+    """server.cluster.Cluster whose nodes are node_baseline/server.js, one `node` process each (so
+    the sampler sees the process that does the work); Redis and nginx start as usual."""
+
+    def _start_node(self, spec: NodeSpec) -> None:
+        assert self.redis_url is not None
+        env = {**os.environ, "NODE_BASELINE_REDIS_URL": self.redis_url, "NODE_BASELINE_NODE_ID": spec.node_id}
+        argv = [node_binary(), str(NODE_BASELINE / "server.js"), "--host", "127.0.0.1", "--port", str(spec.port)]
+        self._spawn(spec.node_id, argv, env)
+
+
+class NodeBaselineCluster(_BaselineCluster):
+    kind = "node"
+
+    def __init__(self, nodes: int) -> None:
+        run_dir = Path(tempfile.mkdtemp(prefix="testpulse-bench-nodejs-"))
+        self.cluster = _NodeBaselineNodes(nodes=nodes, port=free_port(), database_url="unused", run_dir=run_dir)
+        self.cluster.start()
+        self._started()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "node_version": _node_version()}
+
+
+def _node_version() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError, RuntimeError):
+        return subprocess.run([node_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    return "unknown"
 
 
 class Sampler:
@@ -404,6 +453,7 @@ class Sampler:
         return {
             "wall_s": round(wall, 2),
             "cpu_pct": {k: round(100.0 * (cpu_end[k] - self.cpu_start[k]) / wall, 1) for k in cpu_end},
+            "cpu_s": {k: round(cpu_end[k] - self.cpu_start[k], 3) for k in cpu_end},
             "rss_mb_start": {k: round(v / 2**20, 1) for k, v in self.rss_start.items()},
             "rss_mb_peak": {k: round(v / 2**20, 1) for k, v in self.rss_peak.items()},
             "rss_mb_end": {k: round(v / 2**20, 1) for k, v in rss_end.items()},
