@@ -61,11 +61,17 @@ class Costs:
     bytes_per_delivery: float
     group_commit_batching_s: float  # detections per transaction = 1 + a node's store rate x this
     db_bytes_per_detection: float
+    db_cpu_us_per_stored_detection: float | None = None  # PostgreSQL server CPU (not measured on SQLite)
 
     @classmethod
     def from_section(cls, section: dict[str, Any], redis_fit: str = "spublish_pipelined_1") -> Costs:
         cpu, redis, size = section["node_cpu_us"], section["redis"], section["database_size"]
         fit = section["redis_pubsub"]["fit"][redis_fit]
+        # The standalone test brackets what a node's traffic costs (one message per round trip, or a
+        # hundred): the cluster's own measurement fixes the level, the standalone test the slope by
+        # subscriber count.
+        in_cluster, seen = redis["cpu_us_per_message_in_fanout"], redis["subscriber_nodes_in_fanout"]
+        scale = in_cluster / (fit["base_us"] + fit["per_subscriber_us"] * seen) if in_cluster else 1.0
         return cls(
             cpu_us_per_transaction=cpu["per_store_transaction"],
             cpu_us_per_stored_detection=cpu["per_stored_detection"],
@@ -76,13 +82,14 @@ class Costs:
             kb_per_joined_client=section["memory_kb"]["per_joined_client"],
             redis_messages_per_detection=redis["messages_per_detection"],
             redis_ops_per_detection=sum(redis["ops_per_detection_watched"].values()),
-            redis_cpu_us_per_message=fit["base_us"],
-            redis_cpu_us_per_subscriber=fit["per_subscriber_us"],
+            redis_cpu_us_per_message=fit["base_us"] * scale,
+            redis_cpu_us_per_subscriber=fit["per_subscriber_us"] * scale,
             redis_bytes_in_per_detection=section["bytes"]["redis_in_per_detection"],
             redis_bytes_out_per_message_per_subscriber=section["bytes"]["redis_out_per_message_per_subscriber_node"],
             bytes_per_delivery=section["bytes"]["per_delivery_to_viewer"],
             group_commit_batching_s=section["database"]["group_commit_batching_s"],
             db_bytes_per_detection=size["bytes_per_detection"],
+            db_cpu_us_per_stored_detection=(section.get("database_cpu_us") or {}).get("per_stored_detection"),
         )
 
 
@@ -118,6 +125,7 @@ class Plan:
     hottest_session_redis_core_share: float
     db_rows_per_s: float
     db_transactions_per_s: float
+    db_cpu_cores: float | None
     db_gb_per_day: float
     db_gb_per_month: float
     db_gb_retained: float
@@ -210,6 +218,11 @@ def plan(work: Workload, costs: Costs, limits: Limits = Limits(), nodes: int | N
         hottest_session_redis_core_share=hottest,
         db_rows_per_s=work.detections_per_s,
         db_transactions_per_s=transactions_per_s(work, costs, nodes),
+        db_cpu_cores=(
+            work.detections_per_s * costs.db_cpu_us_per_stored_detection / 1e6
+            if costs.db_cpu_us_per_stored_detection is not None
+            else None
+        ),
         db_gb_per_day=day_gb,
         db_gb_per_month=day_gb * 30,
         db_gb_retained=day_gb * limits.retention_days,
@@ -242,6 +255,7 @@ def render(work: Workload, result: Plan, store: str, limits: Limits) -> str:
         ("hottest session: share of a Redis core", f"{100 * result.hottest_session_redis_core_share:.2f}%"),
         ("Redis in / out", f"{result.redis_in_mb_per_s:,.1f} / {result.redis_out_mb_per_s:,.1f} MB/s"),
         (f"DB ({store}) rows/s, transactions/s", f"{result.db_rows_per_s:,.0f}, {result.db_transactions_per_s:,.0f}"),
+        ("DB server CPU for the writes, cores", "-" if result.db_cpu_cores is None else f"{result.db_cpu_cores:,.1f}"),
         ("DB size per day / month", f"{result.db_gb_per_day:,.1f} / {result.db_gb_per_month:,.0f} GB"),
         (f"DB size at {limits.retention_days:g} days retention", f"{result.db_gb_retained:,.0f} GB"),
         (

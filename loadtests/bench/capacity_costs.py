@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis.asyncio as aioredis
 
 from loadtests.bench.capacity_fit import nonnegative_least_squares
@@ -87,6 +88,16 @@ async def database(kind: str) -> AsyncIterator[tuple[str, Path | None]]:
     finally:
         server.stdin.close()
         await asyncio.wait_for(server.wait(), 60)
+
+
+def postgres_pid(url: str) -> int | None:
+    """The postmaster listening on the URL's port: its backends' CPU is the database's cost."""
+    port = url.rsplit(":", 1)[-1].split("/", 1)[0]
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info.get("name") == "postgres" and "-p" in cmdline and port in cmdline:
+            return int(proc.pid)
+    return None
 
 
 class Run:
@@ -251,10 +262,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         try:
             async with http_session() as http:
                 pids = {**system.node_pids(), **system.aux_pids()}
+                postmaster = postgres_pid(db_url) if args.db == "postgres" else None
+                if postmaster is not None:
+                    pids["postgres"] = postmaster
                 probe = Probe(
                     http,
                     system.node_urls,
-                    ProcessSet(pids),
+                    ProcessSet(pids, with_children=("nginx", "postgres")),
                     redis_client,
                     PostgresStats(db_url) if args.db == "postgres" else None,
                 )
@@ -411,6 +425,18 @@ def costs(
             "per_replayed_detection": per(node_cpu(replay, nodes), replayed, US),
             "idle_per_node_per_s": sum(phases_baseline_cpu(phases, nodes)) / len(nodes) * US,  # µs of CPU a second
         },
+        "database_cpu_us": {
+            "per_stored_detection": per(
+                sum(phases[p].get("cpu.postgres", 0.0) for p in ("publish", "publish_fast")),
+                sum(phases[p]["node.detections_stored"] for p in ("publish", "publish_fast")),
+                US,
+            ),
+            "per_stored_detection_200_per_s": per(publish.get("cpu.postgres", 0.0), published, US),
+            "per_join": per(join.get("cpu.postgres", 0.0), joined, US),
+            "per_replayed_detection": per(replay.get("cpu.postgres", 0.0), replayed, US),
+        }
+        if "cpu.postgres" in publish
+        else None,
         "proxy_cpu_us": {
             "per_connect_and_join": per(join.get("cpu.nginx", 0.0), joined, US),
             "per_delivery": per(big.get("cpu.nginx", 0.0), deliveries, US),
@@ -475,7 +501,17 @@ def write_costs(path: Path, store: str, measured: dict[str, Any], environment_: 
         "about", "Unit costs measured by `python -m loadtests.bench capacity-costs`; see docs/capacity.md"
     )
     document.setdefault("stores", {})
-    keep = ("node_cpu_us", "proxy_cpu_us", "memory_kb", "bytes", "redis", "database", "database_size", "redis_pubsub")
+    keep = (
+        "node_cpu_us",
+        "database_cpu_us",
+        "proxy_cpu_us",
+        "memory_kb",
+        "bytes",
+        "redis",
+        "database",
+        "database_size",
+        "redis_pubsub",
+    )
     document["stores"][store] = summary(
         {key: measured[key] for key in keep}
         | {

@@ -202,9 +202,10 @@ class Probe:
         return out
 
     async def settle_postgres(self) -> None:
-        """Let the nodes' backends flush their pending statistics before a snapshot."""
+        """Let the nodes' backends flush their pending statistics before a snapshot: a busy backend
+        reports at most once a second, an idle one within 10 s (PostgreSQL 15+, PGSTAT_IDLE_INTERVAL)."""
         if self.postgres is not None:
-            await asyncio.sleep(1.2)
+            await asyncio.sleep(11)
 
     async def measure_baseline(self, seconds: float) -> Counters:
         await self.settle_postgres()
