@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Costs:
     group_commit_batching_s: float  # detections per transaction = 1 + a node's store rate x this
     db_bytes_per_detection: float
     db_cpu_us_per_stored_detection: float | None = None  # PostgreSQL server CPU (not measured on SQLite)
+    # Given instead of the fit: the batch a deployment's commit latency makes (docs/capacity.md).
+    detections_per_transaction: float | None = None
 
     @classmethod
     def from_section(cls, section: dict[str, Any], redis_fit: str = "spublish_pipelined_1") -> Costs:
@@ -147,7 +149,9 @@ def subscribed_nodes(viewers: int, nodes: int, placement: str, session_cores: fl
 
 def transactions_per_s(work: Workload, costs: Costs, nodes: int) -> float:
     """Group commit: with publishers spread over the nodes, each node stores detections_per_s / nodes
-    and a transaction takes 1 + that rate x batching_s of them."""
+    and a transaction takes 1 + that rate x batching_s of them (or the batch given)."""
+    if costs.detections_per_transaction is not None:
+        return work.detections_per_s / max(1.0, costs.detections_per_transaction)
     per_node = work.detections_per_s / nodes
     return work.detections_per_s / (1.0 + per_node * costs.group_commit_batching_s)
 
@@ -285,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         default="spublish_pipelined_1",
         help="which Redis pub/sub measurement: spublish_pipelined_1 (light traffic) or _100 (heavy)",
     )
+    parser.add_argument(
+        "--detections-per-transaction",
+        type=float,
+        help="the group-commit batch instead of the fitted one (it follows the database's commit latency)",
+    )
     parser.add_argument("--retention-days", type=float, default=30.0)
     parser.add_argument("--costs", type=Path, default=COSTS_FILE)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -293,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(
         args.node_utilisation, args.node_memory_mb, args.redis_utilisation, args.placement, args.retention_days
     )
-    result = plan(work, load_costs(args.costs, args.store, args.redis_fit), limits, args.nodes)
+    costs = load_costs(args.costs, args.store, args.redis_fit)
+    if args.detections_per_transaction is not None:
+        costs = replace(costs, detections_per_transaction=args.detections_per_transaction)
+    result = plan(work, costs, limits, args.nodes)
     print(json.dumps(asdict(result), indent=2) if args.json else render(work, result, args.store, limits))
     return 0
 

@@ -4,6 +4,7 @@ and the committed costs file it reads."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,11 @@ def test_cost_fit_recovers_unit_costs_and_clamps_the_unseen_ones_to_zero() -> No
     # A cost the data says is negative (noise) is fixed at zero and the others refitted.
     fitted = nonnegative_least_squares([[1, 1], [2, 1], [3, 1]], [2.0, 1.0, 0.0])
     assert fitted[0] == 0.0 and fitted[1] == pytest.approx(1.0)
+
+
+def test_a_given_group_commit_batch_replaces_the_fitted_one() -> None:
+    work = Workload(sessions=4, viewers_per_session=25, rate=100)
+    fitted = plan(work, COSTS, Limits(), nodes=3)
+    given = plan(work, replace(COSTS, detections_per_transaction=8.0), Limits(), nodes=3)
+    assert given.db_transactions_per_s == 50
+    assert given.node_cpu_cores == pytest.approx(fitted.node_cpu_cores - (200 - 50) * 300 / 1e6)
