@@ -489,7 +489,7 @@ def costs(
 
 
 def phases_baseline_cpu(phases: dict[str, Counters], nodes: list[str]) -> list[float]:
-    # The baseline is not a phase; Probe keeps it. Stored under "_baseline" by run() below.
+    # The idle baseline (CPU seconds per second) is kept beside the phases under "_baseline".
     base = phases.get("_baseline", {})
     return [base.get(f"cpu.{n}", 0.0) for n in nodes]
 
