@@ -19,7 +19,7 @@ from typing import Any
 
 COSTS_FILE = Path(__file__).resolve().parent / "capacity_costs.json"
 DAY = 86400.0
-MAX_NODES = 100_000
+MAX_NODES = 10_000_000
 
 
 @dataclass(frozen=True)
