@@ -190,6 +190,8 @@ def plan(work: Workload, costs: Costs, limits: Limits = Limits(), nodes: int | N
                 break
             count, binding = min(MAX_NODES, max(needed, count + 1)), "node CPU"
         nodes = count
+        if nodes == 1 and binding == "node memory":
+            binding = "one node suffices"
     subscribed = subscribed_nodes(
         work.viewers_per_session, nodes, limits.placement, session_cores, limits.node_utilisation
     )
@@ -197,7 +199,7 @@ def plan(work: Workload, costs: Costs, limits: Limits = Limits(), nodes: int | N
     messages = work.detections_per_s * costs.redis_messages_per_detection
     decoded_per_node = messages * subscribed * (1.0 - 1.0 / nodes) / nodes if nodes > 1 else 0.0
     if binding == "node CPU" and decoded_per_node * costs.cpu_us_per_message_decoded > 0.5 * cpu / nodes:
-        binding = "node CPU, mostly decoding Redis messages of sessions spread over every node"
+        binding = "node CPU, mostly decoding Redis messages of sessions whose viewers are spread over many nodes"
     per_message = costs.redis_cpu_us_per_message + costs.redis_cpu_us_per_subscriber * subscribed
     redis_cpu = messages * per_message / 1e6
     hottest = work.rate * costs.redis_messages_per_detection * per_message / 1e6

@@ -163,3 +163,8 @@ def test_a_given_group_commit_batch_replaces_the_fitted_one() -> None:
     given = plan(work, replace(COSTS, detections_per_transaction=8.0), Limits(), nodes=3)
     assert given.db_transactions_per_s == 50
     assert given.node_cpu_cores == pytest.approx(fitted.node_cpu_cores - (200 - 50) * 300 / 1e6)
+
+
+def test_a_small_workload_fits_one_node() -> None:
+    result = plan(Workload(sessions=1, viewers_per_session=10, rate=5), COSTS, Limits())
+    assert (result.nodes, result.binding) == (1, "one node suffices")
