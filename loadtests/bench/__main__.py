@@ -1,4 +1,5 @@
-"""`python -m loadtests.bench node|cluster|churn`: benchmark commands (see loadtests/README.md)."""
+"""`python -m loadtests.bench node|cluster|churn|capacity-costs|capacity-check`: benchmark commands
+(see loadtests/README.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import asyncio
 import sys
 
-from loadtests.bench import churn_bench, cluster_bench, node_bench
+from loadtests.bench import capacity_check, capacity_costs, churn_bench, cluster_bench, node_bench
 from loadtests.bench.loadgen import install_uvloop, raise_fd_limit
 
 
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     node_bench.register(commands)
     cluster_bench.register(commands)
     churn_bench.register(commands)
+    capacity_costs.register(commands)
+    capacity_check.register(commands)
     args = parser.parse_args(argv)
     raise_fd_limit()
     install_uvloop()
