@@ -42,10 +42,12 @@ T = TypeVar("T")
 
 class SessionRow(SQLModel, table=True):
     __tablename__ = "test_sessions"
+    # Counts by status, and retention's walk over stopped sessions by age (migration 0003).
+    __table_args__ = (Index("ix_test_sessions_status_updated_at", "status", "updated_at"),)
 
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(default="", max_length=200)
-    status: str = Field(max_length=16, index=True)
+    status: str = Field(max_length=16)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # The session row is the seq counter: appends bump it in the transaction that inserts the rows.
     last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
@@ -496,15 +498,18 @@ def _append(
 
 
 def prune_one_batch(conn: Connection, cutoff: datetime, batch_rows: int) -> int:
-    """Delete the oldest `batch_rows` detections of the session stopped longest before `cutoff`
-    that still has any. The delete itself repeats the status rule, so that no later edit of the
-    pick can make it touch a session that is running, paused or stopped too recently."""
+    """Delete the oldest `batch_rows` detections of the session stopped most recently before
+    `cutoff` that still has any. Newest first: the sessions stopped longer ago are the ones
+    already pruned, and this walk down (status, updated_at) meets a session with detections left
+    at its first steps instead of probing every pruned one each time. The delete itself repeats
+    the status rule, so that no later edit of the pick can make it touch a session that is
+    running, paused or stopped too recently."""
     stopped_long_ago = (sessions_t.c.status == Status.STOPPED.value) & (sessions_t.c.updated_at < cutoff)
     has_detections = select(detections_t.c.seq).where(detections_t.c.session_id == sessions_t.c.id).exists()
     victim = conn.execute(
         select(sessions_t.c.id)
         .where(stopped_long_ago, has_detections)
-        .order_by(sessions_t.c.updated_at, sessions_t.c.id)
+        .order_by(sessions_t.c.updated_at.desc(), sessions_t.c.id.desc())
         .limit(1)
     ).scalar()
     if victim is None:

@@ -127,8 +127,8 @@ async def test_a_step_deletes_at_most_its_batch_oldest_first_from_one_session(st
 
     steps = [await job.step() for _ in range(5)]
 
-    # The session stopped first goes first, ten at a time; then the next one; then nothing is left.
-    assert steps == [10, 10, 5, 4, 0]
+    # The session stopped last goes first, then the one before, ten at a time; then nothing is left.
+    assert steps == [4, 10, 10, 5, 0]
     assert await seqs(store, first) == [] and await seqs(store, second) == []
     after = REGISTRY.get_sample_value("testpulse_retention_pruned_detections_total") or 0.0
     assert after - before == 29
