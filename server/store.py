@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -433,46 +435,62 @@ class SqlStore:
         return await self.db.prune_detections(cutoff, batch_rows)
 
 
-def requests_by_session(requests: Sequence[tuple[str, Sequence[DetectionIn]]]) -> dict[str, list[int]]:
-    """The indexes of each session's requests, in request order."""
-    by_session: dict[str, list[int]] = {}
-    for index, (session_id, _) in enumerate(requests):
-        by_session.setdefault(session_id, []).append(index)
-    return by_session
+@dataclass(slots=True)
+class Share:
+    """One session's part of a group commit: its requests' items, in request order, and what the
+    store said about them. Both implementations fill it the same way: `decide` once the stored
+    ids are known (under the session's lock), then `settle` once the seq counter has moved."""
 
+    session_id: str
+    indexes: list[int]  # the requests of this session, by index
+    items: list[DetectionIn]
+    known: dict[str, StoredDetection] = dataclasses.field(default_factory=dict)
+    fresh: list[bool] = dataclasses.field(default_factory=list)
 
-def _append(
-    conn: Connection, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
-) -> list[list[StoredDetection] | ProtocolError]:
-    by_session = requests_by_session(requests)
-    outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
-    rows: list[dict[str, Any]] = []
-    for session_id in sorted(by_session):
-        indexes = by_session[session_id]
-        items = [item for i in indexes for item in requests[i][1]]
-        ids = sorted({item.id for item in items if item.id is not None})
-        # Read under the session's lock, before the seq counter moves: a duplicate takes no seq.
-        known = _stored_with_ids(conn, session_id, ids) if ids else {}
-        fresh = first_occurrences([item.id for item in items], known)
-        count = fresh.count(True)
-        last = _take_seqs(conn, session_id, count) if count else 0
-        if last is None:
-            error = _why_not_running(conn, session_id)
-            for i in indexes:
+    @property
+    def ids(self) -> list[str]:
+        return sorted({item.id for item in self.items if item.id is not None})
+
+    @property
+    def count(self) -> int:
+        """How many seqs this share takes: its fresh items."""
+        return self.fresh.count(True)
+
+    def decide(self, known: dict[str, StoredDetection]) -> None:
+        self.known = known
+        self.fresh = first_occurrences([item.id for item in self.items], known)
+
+    def fresh_items(self) -> list[DetectionIn]:
+        return [item for item, new in zip(self.items, self.fresh, strict=True) if new]
+
+    def settle(
+        self,
+        requests: Sequence[tuple[str, Sequence[DetectionIn]]],
+        base: int | None,
+        refusal: Callable[[], ProtocolError],
+        now: datetime,
+        outcomes: list[list[StoredDetection] | ProtocolError],
+    ) -> list[StoredDetection]:
+        """Fill this share's outcomes, its fresh items numbered from `base` + 1 (None: the
+        session is not running, and `refusal()` says why); the stored detections to insert."""
+        if base is None:
+            error = refusal()
+            for i in self.indexes:
                 # A retry of detections already stored still learns their seqs.
-                outcomes[i] = _only_known(requests[i][1], known) or error
-            continue
-        seq = last - count
-        by_id = dict(known)
+                outcomes[i] = _only_known(requests[i][1], self.known) or error
+            return []
+        seq = base
+        by_id = dict(self.known)
         answered: list[StoredDetection] = []
-        for item, new in zip(items, fresh, strict=True):
+        inserted: list[StoredDetection] = []
+        for item, new in zip(self.items, self.fresh, strict=True):
             if not new:
                 assert item.id is not None
                 answered.append(dataclasses.replace(by_id[item.id], duplicate=True))
                 continue
             seq += 1
             stored = StoredDetection(
-                session_id,
+                self.session_id,
                 seq,
                 item.label,
                 item.confidence,
@@ -486,12 +504,41 @@ def _append(
             if item.id is not None:
                 by_id[item.id] = stored
             answered.append(stored)
-            rows.append(_detection_row(stored))
+            inserted.append(stored)
         position = 0
-        for i in indexes:
+        for i in self.indexes:
             size = len(requests[i][1])
             outcomes[i] = answered[position : position + size]
             position += size
+        return inserted
+
+
+def shares_of(requests: Sequence[tuple[str, Sequence[DetectionIn]]]) -> list[Share]:
+    """The group's shares, in session id order: the order both implementations lock sessions in,
+    so that two nodes committing overlapping groups cannot deadlock."""
+    by_session: dict[str, list[int]] = {}
+    for index, (session_id, _) in enumerate(requests):
+        by_session.setdefault(session_id, []).append(index)
+    return [
+        Share(session_id, indexes, [item for i in indexes for item in requests[i][1]])
+        for session_id, indexes in sorted(by_session.items())
+    ]
+
+
+def _append(
+    conn: Connection, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
+) -> list[list[StoredDetection] | ProtocolError]:
+    outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
+    rows: list[dict[str, Any]] = []
+    for share in shares_of(requests):
+        ids = share.ids
+        # Read under the session's lock, before the seq counter moves: a duplicate takes no seq.
+        share.decide(_stored_with_ids(conn, share.session_id, ids) if ids else {})
+        count = share.count
+        last = _take_seqs(conn, share.session_id, count) if count else 0
+        base = None if last is None else last - count
+        refusal = functools.partial(_why_not_running, conn, share.session_id)
+        rows += [_detection_row(d) for d in share.settle(requests, base, refusal, now, outcomes)]
     if rows:
         conn.execute(detections_t.insert(), rows)
     return outcomes

@@ -12,6 +12,7 @@ lists, the audit, migrations) keeps the engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from server.protocol import DetectionIn, ProtocolError
 from server.sessions import Session, Status, StoredDetection
-from server.store import Database, not_running, prune_one_batch, requests_by_session
+from server.store import Database, Share, not_running, prune_one_batch, shares_of
 
 T = TypeVar("T")
 DDL_LOCK = 727274  # the advisory lock every node's DDL takes in turn
@@ -39,7 +40,8 @@ DETECTIONS_SINCE = (
     "SELECT seq, label, confidence, bbox, frame, ts, attributes, received_at, id FROM detections"
     " WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
-# Every session's seq counter moves and its rows go in, in one statement. Sessions that are not
+# Every session's seq counter moves and its rows go in, in one statement. JSON values travel as
+# text: in a json[] parameter, a list value (a bbox) would be taken for a dimension of the array. Sessions that are not
 # running return no base, so their rows join nothing and are not inserted. Rows carry their
 # position `k` within their session's share of the batch; a row's seq is its session's base + k.
 APPEND = """
@@ -51,10 +53,12 @@ WITH counts AS (
     WHERE s.id = c.session_id AND s.status = $3
     RETURNING s.id, s.last_seq - c.n AS base
 ), stored AS (
-    INSERT INTO detections (session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at)
-    SELECT d.session_id, b.base + d.k, d.label, d.confidence, d.bbox, d.frame, d.ts, d.attributes, $12
-    FROM unnest($4::varchar[], $5::bigint[], $6::varchar[], $7::float8[], $8::json[], $9::bigint[],
-                $10::json[], $11::json[]) AS d(session_id, k, label, confidence, bbox, frame, ts, attributes)
+    INSERT INTO detections (session_id, seq, label, confidence, bbox, frame, ts, attributes, id, received_at)
+    SELECT d.session_id, b.base + d.k, d.label, d.confidence, d.bbox::json, d.frame, d.ts::json, d.attributes::json,
+           d.id, $13
+    FROM unnest($4::varchar[], $5::bigint[], $6::varchar[], $7::float8[], $8::text[], $9::bigint[],
+                $10::text[], $11::text[], $12::varchar[])
+         AS d(session_id, k, label, confidence, bbox, frame, ts, attributes, id)
     JOIN bumped AS b ON b.id = d.session_id
 )
 SELECT id, base FROM bumped
@@ -62,6 +66,11 @@ SELECT id, base FROM bumped
 # Two nodes committing overlapping groups lock the sessions in id order, as the engine path does.
 LOCK_SESSIONS = "SELECT id FROM test_sessions WHERE id = ANY($1::varchar[]) ORDER BY id FOR UPDATE"
 STATUSES = "SELECT id, status FROM test_sessions WHERE id = ANY($1::varchar[])"
+STORED_WITH_IDS = (
+    "SELECT d.session_id, d.seq, d.label, d.confidence, d.bbox, d.frame, d.ts, d.attributes, d.received_at, d.id"
+    " FROM detections AS d JOIN unnest($1::varchar[], $2::varchar[]) AS k(session_id, id)"
+    " ON d.session_id = k.session_id AND d.id = k.id"
+)
 
 
 class PostgresDatabase(Database):
@@ -148,55 +157,35 @@ class PostgresDatabase(Database):
     async def append_many(
         self, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
     ) -> list[list[StoredDetection] | ProtocolError]:
-        if any(item.id is not None for _, items in requests for item in items):
-            # Idempotent publishes look their ids up under the session's lock first: the engine
-            # path, statement by statement (see store._append).
-            return await super().append_many(requests, now)
-        by_session = requests_by_session(requests)
         outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
-        shares = {s: [item for i in by_session[s] for item in requests[i][1]] for s in sorted(by_session)}
-        shares = {s: items for s, items in shares.items() if items}
-        if not shares:
-            return outcomes
-        arguments = _append_arguments(shares, now)
+        shares = shares_of(requests)
+        with_ids = [share for share in shares if share.ids]
         async with self._guard():
             pool = await self._hot()
             async with pool.acquire() as conn:
-                if len(shares) == 1:
-                    bases = await conn.fetch(APPEND, *arguments)
+                if len(shares) == 1 and not with_ids:
+                    # The common case: one statement, its own transaction, one round trip.
+                    shares[0].decide({})
+                    bases = await conn.fetch(APPEND, *_append_arguments(shares, now))
                 else:
                     async with conn.transaction():
-                        await conn.execute(LOCK_SESSIONS, list(shares))
-                        bases = await conn.fetch(APPEND, *arguments)
+                        # Locked before the ids are read: a node appending the same ids waits
+                        # here, then sees this transaction's rows (a duplicate takes no seq).
+                        await conn.execute(LOCK_SESSIONS, [share.session_id for share in shares])
+                        known = await _stored_with_ids(conn, with_ids) if with_ids else {}
+                        for share in shares:
+                            share.decide(known.get(share.session_id, {}))
+                        # Every item a duplicate: nothing takes a seq, nothing to insert.
+                        taking = any(share.count for share in shares)
+                        bases = await conn.fetch(APPEND, *_append_arguments(shares, now)) if taking else []
                 base_of: dict[str, int] = {row["id"]: row["base"] for row in bases}
-                missing = [s for s in shares if s not in base_of]
+                # Sessions that took seqs and got no base are not running; say why.
+                missing = [share.session_id for share in shares if share.count and share.session_id not in base_of]
                 statuses = dict(await conn.fetch(STATUSES, missing)) if missing else {}
-        for session_id in shares:
-            if session_id not in base_of:
-                error = not_running(session_id, statuses.get(session_id))
-                for i in by_session[session_id]:
-                    outcomes[i] = error
-                continue
-            seq = base_of[session_id]
-            for i in by_session[session_id]:
-                answered = []
-                for item in requests[i][1]:
-                    seq += 1
-                    answered.append(
-                        StoredDetection(
-                            session_id,
-                            seq,
-                            item.label,
-                            item.confidence,
-                            item.bbox,
-                            item.frame,
-                            item.ts,
-                            item.attributes,
-                            now,
-                            None,
-                        )
-                    )
-                outcomes[i] = answered
+        for share in shares:
+            base = base_of.get(share.session_id, 0 if not share.count else None)
+            refusal = functools.partial(not_running, share.session_id, statuses.get(share.session_id))
+            share.settle(requests, base, refusal, now, outcomes)
         return outcomes
 
     async def prune_detections(self, cutoff: datetime, batch_rows: int) -> int | None:
@@ -225,22 +214,40 @@ class PostgresDatabase(Database):
         await self._engine.dispose()
 
 
-def _append_arguments(shares: dict[str, list[DetectionIn]], now: datetime) -> list[Any]:
-    """APPEND's parameters: the per-session counts, then one array per detection column."""
-    columns: list[list[Any]] = [[] for _ in range(8)]
-    session_col, k_col, label_col, confidence_col, bbox_col, frame_col, ts_col, attributes_col = columns
-    for session_id, items in shares.items():
-        for k, item in enumerate(items, start=1):
-            session_col.append(session_id)
+def _append_arguments(shares: list[Share], now: datetime) -> list[Any]:
+    """APPEND's parameters: the seqs each session takes, then one array per column of its fresh items."""
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    session_col, k_col, label_col, confidence_col, bbox_col, frame_col, ts_col, attributes_col, id_col = columns
+    taking = [share for share in shares if share.count]
+    for share in taking:
+        for k, item in enumerate(share.fresh_items(), start=1):
+            session_col.append(share.session_id)
             k_col.append(k)
             label_col.append(item.label)
             confidence_col.append(item.confidence)
-            bbox_col.append(item.bbox)
+            bbox_col.append(_json(item.bbox))
             frame_col.append(item.frame)
-            ts_col.append(item.ts)
-            attributes_col.append(item.attributes)
-    counts = [len(items) for items in shares.values()]
-    return [list(shares), counts, Status.RUNNING.value, *columns, now]
+            ts_col.append(_json(item.ts))
+            attributes_col.append(_json(item.attributes))
+            id_col.append(item.id)
+    counts = [share.count for share in taking]
+    return [[share.session_id for share in taking], counts, Status.RUNNING.value, *columns, now]
+
+
+async def _stored_with_ids(conn: asyncpg.Connection, shares: list[Share]) -> dict[str, dict[str, StoredDetection]]:
+    """The stored detections among the shares' ids, by session and id, in one statement."""
+    pairs = [(share.session_id, item_id) for share in shares for item_id in share.ids]
+    rows = await conn.fetch(STORED_WITH_IDS, [p[0] for p in pairs], [p[1] for p in pairs])
+    found: dict[str, dict[str, StoredDetection]] = {}
+    for session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id_ in rows:
+        found.setdefault(session_id, {})[id_] = StoredDetection(
+            session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id_
+        )
+    return found
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 async def _json_codecs(conn: asyncpg.Connection) -> None:

@@ -2,67 +2,23 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy.engine import make_url
 
 from server.protocol import DetectionIn
 from server.retention import Retention
-from server.sessions import Session, Status, utcnow
-from server.store import Database, SqlStore
+from server.sessions import Status, utcnow
+from server.store import SqlStore
 from server.store_postgres import PRUNE_LOCK
+
+from .conftest import asyncpg_dsn, session_with
 
 pytestmark = pytest.mark.store
 
 DAYS = 30.0
-DATABASES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
-
-
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=DATABASES)
-async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres: Any) -> AsyncIterator[SqlStore]:
-    """A store on an empty, migrated database: a new SQLite file, or a new database on the run's PostgreSQL."""
-    if request.param == "sqlite":
-        url, drop = f"sqlite+aiosqlite:///{tmp_path / 'testpulse.db'}", None
-    else:
-        server_url = make_url(await postgres.url())
-        drop = f"retention_{secrets.token_hex(4)}"
-        admin = await asyncpg.connect(asyncpg_dsn(str(server_url.render_as_string(hide_password=False))))
-        await admin.execute(f"CREATE DATABASE {drop}")
-        url = server_url.set(database=drop).render_as_string(hide_password=False)
-    db = Database(url)
-    try:
-        await db.migrate(automatic=True)
-        yield SqlStore(db)
-    finally:
-        await db.close()
-        if drop is not None:
-            await admin.execute(f"DROP DATABASE {drop} WITH (FORCE)")
-            await admin.close()
-
-
-async def session_with(store: SqlStore, detections: int, *, ends: Status) -> str:
-    """A session that ran, got `detections`, then moved to `ends` (running: stays running)."""
-    now = utcnow()
-    session_id = f"s-{secrets.token_hex(4)}"
-    await store.create(Session(session_id, session_id, Status.CREATED, now, now, 0), "test")
-    assert await store.change_status(session_id, Status.CREATED, Status.RUNNING, "test", None)
-    item = DetectionIn("car", 0.5, None, None, None, None)
-    for _ in range(detections):
-        await store.append(session_id, [item])
-    if ends is not Status.RUNNING:
-        assert await store.change_status(session_id, Status.RUNNING, ends, "test", None)
-    return session_id
 
 
 async def seqs(store: SqlStore, session_id: str) -> list[int]:
