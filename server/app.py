@@ -23,6 +23,7 @@ from server.presence import LocalBoard, Presence, PresenceBoard
 from server.presence_redis import RedisBoard
 from server.protocol import ErrorCode, ProtocolError
 from server.realtime import Realtime, server_class
+from server.retention import Retention
 from server.sessions import Hub, Status
 from server.settings import Settings
 from server.store import Database, SqlStore
@@ -41,6 +42,7 @@ class Node:
         self._sweeper: asyncio.Task[None] | None = None
         self._expirer: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
         self.db = Database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
@@ -100,6 +102,15 @@ class Node:
         self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
         self._expirer = asyncio.create_task(self.realtime.expire_forever(), name="testpulse-token-expiry")
         self._presence_task = asyncio.create_task(self.presence.run_forever(), name="testpulse-presence")
+        if self.settings.retention_days > 0:
+            retention = Retention(
+                self.store,
+                days=self.settings.retention_days,
+                batch_rows=self.settings.retention_batch_rows,
+                pause_seconds=self.settings.retention_pause_seconds,
+                check_seconds=self.settings.retention_check_seconds,
+            )
+            self._retention_task = asyncio.create_task(retention.run_forever(), name="testpulse-retention")
         if self.cluster is not None:
             self.cluster.on_detections = self.feeds.offer
             self.cluster.on_status = self.feeds.session_changed
@@ -167,7 +178,7 @@ class Node:
             tick += 1
 
     async def stop(self) -> None:
-        for task in (self._sampler, self._sweeper, self._expirer, self._presence_task):
+        for task in (self._sampler, self._sweeper, self._expirer, self._presence_task, self._retention_task):
             if task is not None:
                 task.cancel()
         await self.drain()

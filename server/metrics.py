@@ -39,6 +39,10 @@ STORE_BATCH_SIZE = Histogram(
     "Detections committed per store transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
+RETENTION_PRUNED = Counter(
+    "testpulse_retention_pruned_detections_total",
+    "Detections this node deleted because their session stopped more than TESTPULSE_RETENTION_DAYS ago.",
+)
 WRITE_QUEUE_DEPTH = Gauge("testpulse_write_queue_depth", "Detections waiting for their store transaction now.")
 WRITE_QUEUE_REJECTED = Counter(
     "testpulse_write_queue_rejected_total", "Publishes refused with `unavailable` because the store queue was full."

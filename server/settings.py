@@ -61,6 +61,21 @@ class Settings:
     database_timeout_seconds: float = field(
         default=5.0, metadata={"doc": "longest wait for one database operation before `unavailable`"}
     )
+    retention_days: float = field(
+        default=0.0,
+        metadata={
+            "doc": "delete the detections of sessions stopped more than this many days ago (a background"
+            " job, a small batch at a time, one node at a time; running, paused and recently stopped"
+            " sessions are never touched); `0` keeps every detection"
+        },
+    )
+    retention_batch_rows: int = field(default=1000, metadata={"doc": "most detections one retention step deletes"})
+    retention_pause_seconds: float = field(
+        default=1.0, metadata={"doc": "pause between retention steps while there is more to delete"}
+    )
+    retention_check_seconds: float = field(
+        default=3600.0, metadata={"doc": "how often retention looks again once nothing is left to delete"}
+    )
     redis_url: str | None = field(
         default=None,
         metadata={
@@ -213,6 +228,8 @@ class Settings:
             "database_timeout_seconds",
             "shutdown_timeout_seconds",
             "write_timeout_seconds",
+            "retention_batch_rows",
+            "retention_check_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -222,6 +239,8 @@ class Settings:
             "gap_fill_delay_seconds",
             "token_check_leeway_seconds",
             "token_refresh_warning_seconds",
+            "retention_days",
+            "retention_pause_seconds",
         ):
             if getattr(self, name) < 0:
                 fail(name, "must not be negative")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -42,10 +44,12 @@ T = TypeVar("T")
 
 class SessionRow(SQLModel, table=True):
     __tablename__ = "test_sessions"
+    # Counts by status, and retention's walk over stopped sessions by age (migration 0003).
+    __table_args__ = (Index("ix_test_sessions_status_updated_at", "status", "updated_at"),)
 
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(default="", max_length=200)
-    status: str = Field(max_length=16, index=True)
+    status: str = Field(max_length=16)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # The session row is the seq counter: appends bump it in the transaction that inserts the rows.
     last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
@@ -181,15 +185,21 @@ class Database:
     async def close(self) -> None:
         raise NotImplementedError
 
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors of a driver used directly, beside SQLAlchemy, that mean `unavailable` too."""
+        return ()
+
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
         """Turn a slow or failed database into the contract's `unavailable`."""
+        failures: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, sqlite3.Error, OSError)
+        failures += (ConnectionError, *self.driver_errors())
         try:
             async with asyncio.timeout(self.timeout):
                 yield
         except TimeoutError:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the database did not answer in time; retry") from None
-        except (OperationalError, DBAPIError, sqlite3.Error, OSError, ConnectionError) as exc:
+        except failures as exc:
             log.warning("database error: %s", exc)
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry") from None
 
@@ -209,6 +219,34 @@ class Database:
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute(text("SELECT 1")).scalar())
+
+    # The detection log's statements. These defaults run through SQLAlchemy on write()/read();
+    # an implementation overrides them where its driver does the same work for less.
+
+    async def append_many(
+        self, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
+    ) -> list[list[StoredDetection] | ProtocolError]:
+        """Store every request in one transaction, stamped `now`; one outcome per request, in
+        order (SqlStore.append_many). Sessions are locked in id order so that two nodes committing
+        overlapping groups cannot deadlock; a duplicate id takes no seq."""
+        return await self.write(lambda conn: _append(conn, requests, now))
+
+    async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
+        query = (
+            select(detections_t)
+            .where(detections_t.c.session_id == session_id, detections_t.c.seq > after_seq)
+            .order_by(detections_t.c.seq)
+            .limit(limit)
+        )
+        rows = await self.read(lambda conn: conn.execute(query).all())
+        return [_detection(row) for row in rows]
+
+    async def prune_detections(self, cutoff: datetime, batch_rows: int) -> int | None:
+        """One bounded step of retention (server/retention.py): delete at most `batch_rows`
+        detections of one session that stopped before `cutoff`, oldest seqs first; the count, or
+        None when another node is pruning (SQLite: its one writer at a time already serialises
+        nodes). A stopped session never runs again (sessions.MOVES), so no append races the delete."""
+        return await self.write(lambda conn: prune_one_batch(conn, cutoff, batch_rows))
 
 
 def _implementation(url: str) -> type[Database]:
@@ -385,76 +423,158 @@ class SqlStore:
         self, requests: Sequence[tuple[str, Sequence[DetectionIn]]]
     ) -> list[list[StoredDetection] | ProtocolError]:
         """Append several requests in one transaction (group commit). Each request gets its own
-        outcome; a request for a session that is not running fails alone. Sessions are locked in
-        id order so that two nodes committing overlapping groups cannot deadlock."""
-        by_session: dict[str, list[int]] = {}
-        for index, (session_id, _) in enumerate(requests):
-            by_session.setdefault(session_id, []).append(index)
-        now = utcnow()
-
-        def append(conn: Connection) -> list[list[StoredDetection] | ProtocolError]:
-            outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
-            rows: list[dict[str, Any]] = []
-            for session_id in sorted(by_session):
-                indexes = by_session[session_id]
-                items = [item for i in indexes for item in requests[i][1]]
-                ids = sorted({item.id for item in items if item.id is not None})
-                # Read under the session's lock, before the seq counter moves: a duplicate takes no seq.
-                known = _stored_with_ids(conn, session_id, ids) if ids else {}
-                fresh = first_occurrences([item.id for item in items], known)
-                count = fresh.count(True)
-                last = _take_seqs(conn, session_id, count) if count else 0
-                if last is None:
-                    error = _why_not_running(conn, session_id)
-                    for i in indexes:
-                        # A retry of detections already stored still learns their seqs.
-                        outcomes[i] = _only_known(requests[i][1], known) or error
-                    continue
-                seq = last - count
-                by_id = dict(known)
-                answered: list[StoredDetection] = []
-                for item, new in zip(items, fresh, strict=True):
-                    if not new:
-                        assert item.id is not None
-                        answered.append(dataclasses.replace(by_id[item.id], duplicate=True))
-                        continue
-                    seq += 1
-                    stored = StoredDetection(
-                        session_id,
-                        seq,
-                        item.label,
-                        item.confidence,
-                        item.bbox,
-                        item.frame,
-                        item.ts,
-                        item.attributes,
-                        now,
-                        item.id,
-                    )
-                    if item.id is not None:
-                        by_id[item.id] = stored
-                    answered.append(stored)
-                    rows.append(_detection_row(stored))
-                position = 0
-                for i in indexes:
-                    size = len(requests[i][1])
-                    outcomes[i] = answered[position : position + size]
-                    position += size
-            if rows:
-                conn.execute(detections_t.insert(), rows)
-            return outcomes
-
-        return await self.db.write(append)
+        outcome; a request for a session that is not running fails alone."""
+        return await self.db.append_many(requests, utcnow())
 
     async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
-        query = (
-            select(detections_t)
-            .where(detections_t.c.session_id == session_id, detections_t.c.seq > after_seq)
-            .order_by(detections_t.c.seq)
-            .limit(limit)
+        return await self.db.since(session_id, after_seq, limit)
+
+    async def prune(self, cutoff: datetime, batch_rows: int) -> int | None:
+        """Delete up to `batch_rows` detections of a session stopped before `cutoff`: how many went,
+        or None when another node is pruning (Database.prune_detections)."""
+        return await self.db.prune_detections(cutoff, batch_rows)
+
+
+@dataclass(slots=True)
+class Share:
+    """One session's part of a group commit: its requests' items, in request order, and what the
+    store said about them. Both implementations fill it the same way: `decide` once the stored
+    ids are known (under the session's lock), then `settle` once the seq counter has moved."""
+
+    session_id: str
+    indexes: list[int]  # the requests of this session, by index
+    items: list[DetectionIn]
+    known: dict[str, StoredDetection] = dataclasses.field(default_factory=dict)
+    fresh: list[bool] = dataclasses.field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted({item.id for item in self.items if item.id is not None})
+
+    @property
+    def count(self) -> int:
+        """How many seqs this share takes: its fresh items."""
+        return self.fresh.count(True)
+
+    def decide(self, known: dict[str, StoredDetection]) -> None:
+        self.known = known
+        self.fresh = first_occurrences([item.id for item in self.items], known)
+
+    def fresh_items(self) -> list[DetectionIn]:
+        return [item for item, new in zip(self.items, self.fresh, strict=True) if new]
+
+    def settle(
+        self,
+        requests: Sequence[tuple[str, Sequence[DetectionIn]]],
+        base: int | None,
+        refusal: Callable[[], ProtocolError],
+        now: datetime,
+        outcomes: list[list[StoredDetection] | ProtocolError],
+    ) -> list[StoredDetection]:
+        """Fill this share's outcomes, its fresh items numbered from `base` + 1 (None: the
+        session is not running, and `refusal()` says why); the stored detections to insert."""
+        if base is None:
+            error = refusal()
+            for i in self.indexes:
+                # A retry of detections already stored still learns their seqs.
+                outcomes[i] = _only_known(requests[i][1], self.known) or error
+            return []
+        seq = base
+        by_id = dict(self.known)
+        answered: list[StoredDetection] = []
+        inserted: list[StoredDetection] = []
+        for item, new in zip(self.items, self.fresh, strict=True):
+            if not new:
+                assert item.id is not None
+                answered.append(dataclasses.replace(by_id[item.id], duplicate=True))
+                continue
+            seq += 1
+            stored = StoredDetection(
+                self.session_id,
+                seq,
+                item.label,
+                item.confidence,
+                item.bbox,
+                item.frame,
+                item.ts,
+                item.attributes,
+                now,
+                item.id,
+            )
+            if item.id is not None:
+                by_id[item.id] = stored
+            answered.append(stored)
+            inserted.append(stored)
+        position = 0
+        for i in self.indexes:
+            size = len(requests[i][1])
+            outcomes[i] = answered[position : position + size]
+            position += size
+        return inserted
+
+
+def shares_of(requests: Sequence[tuple[str, Sequence[DetectionIn]]]) -> list[Share]:
+    """The group's shares, in session id order: the order both implementations lock sessions in,
+    so that two nodes committing overlapping groups cannot deadlock."""
+    by_session: dict[str, list[int]] = {}
+    for index, (session_id, _) in enumerate(requests):
+        by_session.setdefault(session_id, []).append(index)
+    return [
+        Share(session_id, indexes, [item for i in indexes for item in requests[i][1]])
+        for session_id, indexes in sorted(by_session.items())
+    ]
+
+
+def _append(
+    conn: Connection, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
+) -> list[list[StoredDetection] | ProtocolError]:
+    outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
+    rows: list[dict[str, Any]] = []
+    for share in shares_of(requests):
+        ids = share.ids
+        # Read under the session's lock, before the seq counter moves: a duplicate takes no seq.
+        share.decide(_stored_with_ids(conn, share.session_id, ids) if ids else {})
+        count = share.count
+        last = _take_seqs(conn, share.session_id, count) if count else 0
+        base = None if last is None else last - count
+        refusal = functools.partial(_why_not_running, conn, share.session_id)
+        rows += [_detection_row(d) for d in share.settle(requests, base, refusal, now, outcomes)]
+    if rows:
+        conn.execute(detections_t.insert(), rows)
+    return outcomes
+
+
+def prune_one_batch(conn: Connection, cutoff: datetime, batch_rows: int) -> int:
+    """Delete the oldest `batch_rows` detections of the session stopped most recently before
+    `cutoff` that still has any. Newest first: the sessions stopped longer ago are the ones
+    already pruned, and this walk down (status, updated_at) meets a session with detections left
+    at its first steps instead of probing every pruned one each time. The delete itself repeats
+    the status rule, so that no later edit of the pick can make it touch a session that is
+    running, paused or stopped too recently."""
+    stopped_long_ago = (sessions_t.c.status == Status.STOPPED.value) & (sessions_t.c.updated_at < cutoff)
+    has_detections = select(detections_t.c.seq).where(detections_t.c.session_id == sessions_t.c.id).exists()
+    victim = conn.execute(
+        select(sessions_t.c.id)
+        .where(stopped_long_ago, has_detections)
+        .order_by(sessions_t.c.updated_at.desc(), sessions_t.c.id.desc())
+        .limit(1)
+    ).scalar()
+    if victim is None:
+        return 0
+    oldest = (
+        select(detections_t.c.seq)
+        .where(detections_t.c.session_id == victim)
+        .order_by(detections_t.c.seq)
+        .limit(batch_rows)
+    )
+    deleted = conn.execute(
+        detections_t.delete().where(
+            detections_t.c.session_id == victim,
+            detections_t.c.seq.in_(oldest),
+            select(sessions_t.c.id).where(sessions_t.c.id == victim, stopped_long_ago).exists(),
         )
-        rows = await self.db.read(lambda conn: conn.execute(query).all())
-        return [_detection(row) for row in rows]
+    )
+    return int(deleted.rowcount)
 
 
 def _stored_with_ids(conn: Connection, session_id: str, ids: list[str]) -> dict[str, StoredDetection]:
@@ -491,6 +611,11 @@ def _only_known(items: Sequence[DetectionIn], known: dict[str, StoredDetection])
 
 def _why_not_running(conn: Connection, session_id: str) -> ProtocolError:
     status = conn.execute(select(sessions_t.c.status).where(sessions_t.c.id == session_id)).scalar()
+    return not_running(session_id, status)
+
+
+def not_running(session_id: str, status: str | None) -> ProtocolError:
+    """Why an append to `session_id`, found with `status` (None: no such session), was refused."""
     if status is None:
         return ProtocolError(ErrorCode.NOT_FOUND, f"session '{session_id}' does not exist")
     return ProtocolError(ErrorCode.SESSION_NOT_RUNNING, f"session '{session_id}' is {status}, not running")

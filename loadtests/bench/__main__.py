@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 
 from loadtests.bench import capacity_check, capacity_costs, churn_bench, cluster_bench, node_bench
 from loadtests.bench.loadgen import install_uvloop, raise_fd_limit
+from loadtests.bench.postgres import throwaway_postgres
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_fd_limit()
     install_uvloop()
-    asyncio.run(args.run(args))
+    with contextlib.ExitStack() as stack:
+        if getattr(args, "db", None) == "postgres":
+            args.db = stack.enter_context(throwaway_postgres())
+        asyncio.run(args.run(args))
     return 0
 
 

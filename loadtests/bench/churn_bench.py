@@ -192,7 +192,12 @@ def register(commands: Any) -> None:
         default=5.0,
         help="longest a client waits in disconnect() for its read loop (a held GET) before giving up",
     )
-    p.add_argument("--db", default="sqlite", help="sqlite (a file in a temp dir, default) or a PostgreSQL URL")
+    p.add_argument(
+        "--db",
+        default="sqlite",
+        help="sqlite (a temp file, default), postgres (a throwaway server, fsync and"
+        " synchronous_commit on as in production) or a PostgreSQL URL",
+    )
     p.add_argument("--workers", type=int, default=2, help="load-generator processes")
     p.add_argument(
         "--server-repo",

@@ -781,7 +781,12 @@ def _csv(kind: type) -> Any:
 def register(commands: Any) -> None:
     p = commands.add_parser("cluster", help="testpulse vs stock python-socketio and Node.js socket.io, N nodes")
     p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--db", default="sqlite", help="testpulse database: sqlite (temp file, default) or a PostgreSQL URL")
+    p.add_argument(
+        "--db",
+        default="sqlite",
+        help="testpulse database: sqlite (a temp file, default), postgres (a throwaway server, fsync and"
+        " synchronous_commit on as in production) or a PostgreSQL URL",
+    )
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS), help=",".join(SCENARIOS))
     p.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help=",".join(SYSTEMS))
     p.add_argument("--seconds", type=float, default=10.0, help="publishing time of fanout, overload, routing")

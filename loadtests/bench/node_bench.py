@@ -237,7 +237,12 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
 
 def register(commands: Any) -> None:
     p = commands.add_parser("node", help="one node with persistence: ingest, fan-out, latency")
-    p.add_argument("--db", default="sqlite", help="sqlite (a file in a temp dir, default) or a PostgreSQL URL")
+    p.add_argument(
+        "--db",
+        default="sqlite",
+        help="sqlite (a temp file, default), postgres (a throwaway server, fsync and"
+        " synchronous_commit on as in production) or a PostgreSQL URL",
+    )
     p.add_argument("--viewers", type=int, default=100, help="viewers in the room for (b) and (c)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
     p.add_argument("--window", type=int, default=100, help="pipelined publishes in flight")

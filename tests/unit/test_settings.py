@@ -84,6 +84,9 @@ def test_environment_name_is_case_insensitive_and_checked() -> None:
         ("TESTPULSE_REDIS_URL", "http://localhost:6379"),
         ("TESTPULSE_LOG_LEVEL", "verbose"),
         ("TESTPULSE_NODE_ID", "n" * 65),
+        ("TESTPULSE_RETENTION_DAYS", "-1"),
+        ("TESTPULSE_RETENTION_DAYS", "forever"),
+        ("TESTPULSE_RETENTION_BATCH_ROWS", "0"),
     ],
 )
 def test_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
@@ -107,6 +110,11 @@ def test_values_are_parsed_into_their_types() -> None:
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
     assert settings.jwt_audience == "hub"
     assert settings.redis_url == "redis://127.0.0.1:7000/0"
+
+
+def test_retention_is_off_by_default_and_takes_days() -> None:
+    assert Settings.from_env({}).retention_days == 0
+    assert Settings.from_env({"TESTPULSE_RETENTION_DAYS": "90"}).retention_days == 90
 
 
 def test_blank_variables_mean_the_default() -> None:

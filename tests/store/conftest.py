@@ -1,0 +1,58 @@
+"""Fixtures for the store's own tests: a SqlStore on a fresh, migrated SQLite or PostgreSQL database."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from server.protocol import DetectionIn
+from server.sessions import Session, Status, utcnow
+from server.store import Database, SqlStore
+
+DATABASES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=DATABASES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres: Any) -> AsyncIterator[SqlStore]:
+    """A store on an empty, migrated database: a new SQLite file, or a new database on the run's PostgreSQL."""
+    if request.param == "sqlite":
+        url, drop = f"sqlite+aiosqlite:///{tmp_path / 'testpulse.db'}", None
+    else:
+        server_url = make_url(await postgres.url())
+        drop = f"retention_{secrets.token_hex(4)}"
+        admin = await asyncpg.connect(asyncpg_dsn(str(server_url.render_as_string(hide_password=False))))
+        await admin.execute(f"CREATE DATABASE {drop}")
+        url = server_url.set(database=drop).render_as_string(hide_password=False)
+    db = Database(url)
+    try:
+        await db.migrate(automatic=True)
+        yield SqlStore(db)
+    finally:
+        await db.close()
+        if drop is not None:
+            await admin.execute(f"DROP DATABASE {drop} WITH (FORCE)")
+            await admin.close()
+
+
+async def session_with(store: SqlStore, detections: int, *, ends: Status = Status.RUNNING) -> str:
+    """A session that ran, got `detections`, then moved to `ends` (running: stays running)."""
+    now = utcnow()
+    session_id = f"s-{secrets.token_hex(4)}"
+    await store.create(Session(session_id, session_id, Status.CREATED, now, now, 0), "test")
+    assert await store.change_status(session_id, Status.CREATED, Status.RUNNING, "test", None)
+    item = DetectionIn("car", 0.5, None, None, None, None)
+    for _ in range(detections):
+        await store.append(session_id, [item])
+    if ends is not Status.RUNNING:
+        assert await store.change_status(session_id, Status.RUNNING, ends, "test", None)
+    return session_id
