@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.resources
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from server.children import ClusterError, die_with_parent, find_binary, free_port
+
 # Copies of the repository's nginx.conf and deploy/prometheus/ ship inside the package, so that an
 # installed wheel runs the cluster from any folder; tests/unit/test_bundled_data.py keeps them identical.
 BUNDLED = importlib.resources.files("server") / "data"
@@ -29,34 +29,6 @@ NGINX_CONF = BUNDLED / "nginx.conf"
 PROMETHEUS_DIR = BUNDLED / "prometheus"
 PROXY_FAIL_TIMEOUT_SECONDS = 5  # nginx.conf: `max_fails=1 fail_timeout=5s` on every node
 NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
-PR_SET_PDEATHSIG = 1
-
-
-class ClusterError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def find_binary(name: str, *extra_dirs: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in ("/usr/sbin", "/usr/local/sbin", "/usr/bin", *extra_dirs):
-        candidate = Path(folder) / name
-        if candidate.exists():
-            return str(candidate)
-    raise ClusterError(f"{name} not found: run ./scripts/setup (it installs the Debian package)")
-
-
-def _die_with_parent() -> None:
-    # Children of a cluster that is SIGKILLed must not outlive it (no orphans, ever).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -170,7 +142,7 @@ class Cluster:
         assert self.run_dir is not None
         log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
         )
         log.close()
         self.processes[name] = proc

@@ -136,6 +136,17 @@ SHARED: tuple[Need, ...] = (
     Need("engineio.base_server", "BaseServer", assigned=("sockets", "handlers")),
 )
 
+# server/shards.py: the slot map of redis-py's RedisCluster, read again when a slot moves (no
+# public call refreshes it; the client itself calls this after MOVED). No stock fallback exists
+# (python-socketio has no Redis Cluster manager): ShardedClusterManager refuses to start without it.
+REDIS_CLUSTER: tuple[Need, ...] = (
+    Need("redis.asyncio.cluster", "RedisCluster", assigned=("nodes_manager",)),
+    _call("redis.asyncio.cluster", "NodesManager.initialize", "self"),
+    _call("redis.asyncio.cluster", "RedisCluster.get_node_from_key", "self", "key"),
+    Need("redis.asyncio.cluster", "ClusterNode", assigned=("name", "host", "port")),
+    Need("redis.crc", "key_slot"),
+)
+
 Importer = Callable[[str], Any]
 
 

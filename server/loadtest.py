@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from server.cluster import Cluster, ClusterError, free_port, terminate
+from server.children import ClusterError, free_port
+from server.cluster import Cluster, terminate
 
 SCENARIOS = ("storm", "fanout", "reconnect", "steady")
 # Beyond --run-time a run spends the ramp, the drain (bounded by --drain-timeout, 20 s by default)

@@ -1,0 +1,407 @@
+"""Sharded pub/sub on a Redis Cluster: the ClusterManager of server/broker.py over SSUBSCRIBE and
+SPUBLISH, with one pub/sub connection per master that owns a channel this node needs.
+
+Every channel keeps its name (`testpulse:room:session:<id>`, `testpulse:control`): a sharded
+channel lives on the master owning its name's hash slot, so each session's messages stay on one
+shard, and a node holds connections only to the shards its sessions hash to. The control channel
+(socket.io emits to non-session rooms, resyncs) is one sharded channel like the others: its
+traffic is small and goes to one shard. Each connection has its own probe channel, on a slot of
+that connection's master (a hash tag picked to land there), so a deaf shard is noticed by itself.
+
+When a slot moves (resharding) or its master fails over, Redis sends the subscriber an
+`sunsubscribe` for each channel of that slot; a killed master shows as a lost connection. Either
+way the channels are placed again from a fresh slot map, subscribed on their new owner, and
+once every needed channel is confirmed the feeds catch up from the store (detections are stored
+before they are published), as after a reconnect to a single Redis.
+
+Why not redis-py's own ClusterPubSub (redis.asyncio.cluster, redis-py 8.1): it keeps a PubSub
+per node and moves shard channels after a slots-cache refresh, but
+- on an `sunsubscribe` push it only passes the message on; the channel is resubscribed on its new
+  owner at the next slots-cache refresh, which only a command of the same client meeting MOVED
+  triggers, and a node that only listens may never send one;
+- that move runs in a background task that reports no end, so there is no moment known at which
+  every channel is live again, which is when the catch-up must start;
+- get_sharded_message() reads the nodes' connections in turn, each with the full timeout, so an
+  idle shard delays every other by it;
+- there is no liveness per connection (a shard connection that stops hearing goes unnoticed).
+So the RedisCluster client serves what it does well (the slot map, SPUBLISH routing with its
+MOVED/ASK retries, presence commands), and the pub/sub connections are plain redis.asyncio
+clients of one master each, placed by that slot map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.crc import key_slot
+from redis.exceptions import SlotNotCoveredError
+
+from server import internals, metrics
+from server.broker import LISTEN_SLICE_BUSY, LISTEN_SLICE_IDLE, ClusterManager
+from server.outbox import RepeatFilter
+
+log = logging.getLogger("testpulse.broker")
+
+PLACE_INTERVAL = 0.5  # seconds between placement passes when nothing asks for one sooner
+REPEAT_KEYS_MAX = 65_536  # (sender, channel) pairs the repeat filter remembers
+
+
+@dataclass(eq=False)
+class ShardLink:
+    """One pub/sub connection to one master, and what Redis confirmed on it."""
+
+    node: str  # the master's "host:port"
+    host: str
+    port: int
+    probe_channel: str
+    target: set[str] = field(default_factory=set)  # channels placed on this master (probe aside)
+    subscribed: set[str] = field(default_factory=set)
+    requested: set[str] = field(default_factory=set)
+    leaving: set[str] = field(default_factory=set)  # unsubscribed by us: their sunsubscribe is no loss
+    dirty: bool = True
+    up: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+
+    def confirmed(self) -> set[str]:
+        return self.subscribed if self.up else set()
+
+
+def by_slot(channels: Iterable[str]) -> list[list[str]]:
+    """Channels grouped by hash slot: one SSUBSCRIBE may only name channels of one slot."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for channel in sorted(channels):
+        groups[key_slot(channel.encode())].append(channel)
+    return list(groups.values())
+
+
+class ShardedClusterManager(ClusterManager):
+    """ClusterManager on a Redis Cluster (a `redis+cluster://` URL): same interface and
+    guarantees, SPUBLISH through the RedisCluster client, SSUBSCRIBE on per-master connections."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        lacking = internals.missing(internals.REDIS_CLUSTER)
+        if lacking:
+            raise RuntimeError(f"this redis-py lacks what Redis Cluster support relies on: {'; '.join(lacking)}")
+        super().__init__(url, **kwargs)
+        if not self._clients.cluster_mode:
+            raise ValueError("ShardedClusterManager needs a redis+cluster:// URL")
+        self._links: dict[str, ShardLink] = {}
+        self._down: dict[str, float] = {}  # master -> when it may be tried again (backing off)
+        self._failures: dict[str, int] = {}  # master -> connections lost in a row
+        self._topology_stale = True
+        self._wake = asyncio.Event()
+        # Each shard connection hears a sender's numbers rising, but two connections interleave
+        # them: repeats are told apart per (sender, channel), which one connection carries.
+        self._repeats = RepeatFilter(senders_max=REPEAT_KEYS_MAX)
+
+    def _repeat_key(self, sender: str, channel: str) -> str:
+        return f"{sender}\x00{channel}"
+
+    async def close(self) -> None:
+        links = list(self._links.values())
+        for link in links:
+            if link.task is not None:
+                link.task.cancel()
+        await asyncio.gather(*(link.task for link in links if link.task is not None), return_exceptions=True)
+        await super().close()
+
+    # ---- what the rest of the manager asks -----------------------------------------------------
+
+    def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: str | None = None) -> None:
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        if self._dirty:
+            self._wake.set()
+
+    def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
+        super().basic_leave_room(sid, namespace, room)
+        if self._dirty:
+            self._wake.set()
+
+    async def subscribed(self, channel: str, wait_seconds: float = 2.0) -> None:
+        """Wait until the channel's master confirms it. While that master is unreachable (or the
+        slot map is not known yet), return at once: the catch-up after it returns covers that time."""
+        if channel in self._confirmed():
+            return
+        owner = self._owner(channel)
+        if owner is None or owner in self._down:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        self._dirty = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(waiter, wait_seconds)
+        except TimeoutError:
+            log.warning("sharded subscription to %s not confirmed within %.1fs", channel, wait_seconds)
+
+    def probe_age(self) -> float:
+        links = [link for link in self._links.values() if link.up]
+        if not links:
+            return time.monotonic() - self._last_probe
+        return max(time.monotonic() - link.last_heard for link in links)
+
+    async def health(self) -> str:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self.redis.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
+            return f"failing: {type(exc).__name__}: {exc}"[:200]
+        down = sorted(name for name, link in self._links.items() if not link.up) + sorted(self._down)
+        if down or not self._links:
+            return f"failing: no subscription on shard {', '.join(down) or '(none yet)'}"
+        missing = self._needed() - self._confirmed()
+        if missing:
+            return f"failing: {len(missing)} sharded channels not confirmed"
+        if self.probe_age() > self._probe_timeout:
+            return f"failing: a shard's subscription probe is {self.probe_age():.1f}s old"
+        return "ok"
+
+    # ---- placement: which master holds which channel ---------------------------------------------
+
+    def _needed(self) -> set[str]:
+        return self._wanted | set(self._waiters) | {self.channel}
+
+    def _confirmed(self) -> set[str]:
+        confirmed: set[str] = set()
+        for link in self._links.values():
+            confirmed |= link.confirmed()
+        return confirmed
+
+    def _owner(self, channel: str) -> str | None:
+        """The master owning the channel's slot in the client's slot map, or None when not covered."""
+        try:
+            return str(self.redis.get_node_from_key(channel).name)
+        except (SlotNotCoveredError, AttributeError, IndexError, KeyError):
+            return None
+
+    def _probe_channel_on(self, node: str) -> str:
+        """A probe channel of this process whose slot `node` owns (a hash tag picked to land there)."""
+        for tag in range(100_000):
+            channel = f"{self._prefix}:probe:{self.host_id}:{{{tag}}}"
+            if self._owner(channel) == node:
+                return channel
+        raise RuntimeError(f"no probe channel found on {node}")
+
+    async def _listen_forever(self) -> None:
+        """Replaces the single-connection listener: places channels on masters, and starts and
+        stops one link (server/shards.py ShardLink) per master that holds any."""
+        while True:
+            try:
+                await self._place()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the slot map could not be read: again soon
+                log.warning("placing sharded channels failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._topology_stale = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PLACE_INTERVAL):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _place(self) -> None:
+        if self._topology_stale:
+            self._topology_stale = False
+            async with asyncio.timeout(self._connect_timeout * 2):
+                await self.redis.nodes_manager.initialize()
+        now = time.monotonic()
+        for node, retry_at in list(self._down.items()):
+            if retry_at <= now:
+                del self._down[node]
+        self._dirty = False
+        placed: dict[str, set[str]] = defaultdict(set)
+        for channel in self._needed():
+            owner = self._owner(channel)
+            if owner is None:
+                self._topology_stale = True  # a slot mid-move: ask for the map again next pass
+                continue
+            placed[owner].add(channel)
+        for node, link in list(self._links.items()):
+            if node not in placed:
+                await self._stop_link(link)
+        for node, channels in placed.items():
+            found = self._links.get(node)
+            if found is None and node in self._down:
+                continue
+            link = found or self._start_link(node)
+            probe = self._probe_channel_on(node)
+            if channels != link.target or probe != link.probe_channel:
+                link.target, link.probe_channel, link.dirty = channels, probe, True
+
+    def _start_link(self, node: str) -> ShardLink:
+        host, _, port = node.rpartition(":")
+        link = ShardLink(node=node, host=host, port=int(port), probe_channel=self._probe_channel_on(node))
+        self._links[node] = link
+        self._catch_up_pending = True  # whatever its channels missed before now is in the store
+        link.task = asyncio.create_task(self._run_link(link), name=f"testpulse-redis-shard-{node}")
+        return link
+
+    async def _stop_link(self, link: ShardLink) -> None:
+        if self._links.get(link.node) is link:
+            del self._links[link.node]
+        if link.task is not None and link.task is not asyncio.current_task():
+            link.task.cancel()
+            await asyncio.gather(link.task, return_exceptions=True)
+        self._forget_series(link.node)
+
+    def _link_lost(self, link: ShardLink, why: str) -> None:
+        """A link's connection failed or went deaf: back off that master, read the slot map again
+        (a failover shows first as a lost connection), and catch up once every channel is back."""
+        failures = self._failures.get(link.node, 0) + 1
+        self._failures[link.node] = failures
+        backoff = min(0.1 * 2**failures, self._backoff_max)
+        self._down[link.node] = time.monotonic() + backoff
+        log.warning("Redis Cluster shard %s subscription lost (%s); resubscribing", link.node, why)
+        metrics.REDIS_RECONNECTS.inc()
+        if self._links.get(link.node) is link:
+            del self._links[link.node]
+        self._forget_series(link.node)
+        self._topology_stale = True
+        self._catch_up_pending = True
+        self._wake.set()
+
+    # ---- one link: a pub/sub connection to one master ---------------------------------------------
+
+    async def _run_link(self, link: ShardLink) -> None:
+        client = self._clients.shard(link.host, link.port)
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._reconcile_link(link, pubsub)
+            link.up = True
+            link.last_heard = time.monotonic()
+            while True:
+                await self._reconcile_link(link, pubsub)
+                busy = link.dirty or link.requested or bool(self._waiters)
+                message = await pubsub.get_message(timeout=LISTEN_SLICE_BUSY if busy else LISTEN_SLICE_IDLE)
+                if message is None:
+                    age = time.monotonic() - link.last_heard
+                    if age > self._probe_timeout:
+                        raise ConnectionError(f"no probe for {age:.1f}s: subscription is deaf")
+                    continue
+                kind = message.get("type")
+                channel = message.get("channel")
+                if isinstance(channel, bytes):
+                    channel = channel.decode()
+                if kind == "ssubscribe":
+                    self._confirm_on(link, channel)
+                elif kind == "sunsubscribe":
+                    self._taken_from(link, channel)
+                elif kind == "smessage" and await self._dispatch(channel, message.get("data")):
+                    link.last_heard = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: this shard's link starts over
+            self._link_lost(link, f"{type(exc).__name__}: {exc}")
+        finally:
+            link.up = False
+            # asyncio.timeout, not wait_for (see ClusterManager._drop_pubsub).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await client.aclose()
+
+    async def _reconcile_link(self, link: ShardLink, pubsub: Any) -> None:
+        if not link.dirty:
+            return
+        link.dirty = False
+        target = link.target | {link.probe_channel}
+        missing = target - link.subscribed - link.requested
+        extra = (link.subscribed | link.requested) - target
+        for group in by_slot(missing):
+            link.requested.update(group)
+            link.leaving.difference_update(group)
+            await pubsub.ssubscribe(*group)
+        for group in by_slot(extra):
+            link.subscribed.difference_update(group)
+            link.requested.difference_update(group)
+            link.leaving.update(group)
+            await pubsub.sunsubscribe(*group)
+
+    def _confirm_on(self, link: ShardLink, channel: str) -> None:
+        if channel == link.probe_channel:
+            if channel in link.subscribed:
+                # A second confirmation on one pub/sub object: redis-py reconnected and subscribed
+                # again by itself, below this link; what was published meanwhile is in the store.
+                metrics.REDIS_RECONNECTS.inc()
+                self._catch_up_pending = True
+            self._failures.pop(link.node, None)
+        link.requested.discard(channel)
+        link.subscribed.add(channel)
+        if channel not in link.target and channel != link.probe_channel:
+            link.dirty = True  # placed elsewhere or left meanwhile: the next reconcile unsubscribes
+        for waiter in self._waiters.pop(channel, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        self._catch_up_if_whole()
+
+    def _taken_from(self, link: ShardLink, channel: str) -> None:
+        """An sunsubscribe: ours (the channel was left or placed elsewhere), or Redis's own when the
+        channel's slot moved away from this master (a migration, or a failover that demoted it)."""
+        link.requested.discard(channel)
+        link.subscribed.discard(channel)
+        if channel in link.leaving:
+            link.leaving.discard(channel)
+            return
+        metrics.REDIS_CHANNELS_MOVED.inc()
+        log.info("Redis Cluster moved %s away from %s; resubscribing on its new owner", channel, link.node)
+        link.dirty = True
+        self._topology_stale = True
+        self._catch_up_pending = True
+        self._wake.set()
+
+    def _catch_up_if_whole(self) -> None:
+        if not self._catch_up_pending:
+            return
+        links = list(self._links.values())
+        if not links or any(not link.up or link.probe_channel not in link.subscribed for link in links):
+            return
+        if self._needed() <= self._confirmed():
+            # Every channel is live again: whatever was published meanwhile is in the store.
+            self._catch_up_pending = False
+            self.on_resubscribed()
+
+    # ---- probes and metrics ----------------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            self._export_series()
+            links = [link for link in self._links.values() if link.up]
+            if links:
+                await asyncio.gather(*(self._probe(link) for link in links))
+
+    async def _probe(self, link: ShardLink) -> None:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self.redis.spublish(link.probe_channel, self._sign({"method": "probe"}))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a failed probe shows up as probe age
+            pass
+
+    def _export_series(self) -> None:
+        metrics.REDIS_PROBE_AGE_SECONDS.set(self.probe_age())
+        confirmed = self._confirmed()
+        metrics.REDIS_CHANNELS.labels("wanted").set(len(self._wanted))
+        metrics.REDIS_CHANNELS.labels("confirmed").set(len(self._wanted & confirmed))
+        now = time.monotonic()
+        for node, link in self._links.items():
+            wanted = link.target & self._wanted
+            metrics.REDIS_SHARD_CHANNELS.labels(node, "wanted").set(len(wanted))
+            metrics.REDIS_SHARD_CHANNELS.labels(node, "confirmed").set(len(wanted & link.confirmed()))
+            metrics.REDIS_SHARD_PROBE_AGE_SECONDS.labels(node).set(now - link.last_heard)
+
+    def _forget_series(self, node: str) -> None:
+        for state in ("wanted", "confirmed"):
+            with contextlib.suppress(KeyError):
+                metrics.REDIS_SHARD_CHANNELS.remove(node, state)
+        with contextlib.suppress(KeyError):
+            metrics.REDIS_SHARD_PROBE_AGE_SECONDS.remove(node)
