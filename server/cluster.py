@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from server.children import ClusterError, die_with_parent, find_binary, free_port
+from server.redis_cluster import RedisClusterServers
 
 # Copies of the repository's nginx.conf and deploy/prometheus/ ship inside the package, so that an
 # installed wheel runs the cluster from any folder; tests/unit/test_bundled_data.py keeps them identical.
@@ -104,6 +105,7 @@ class Cluster:
     nodes: int = 3
     port: int = 8080
     redis_url: str | None = None
+    redis_cluster: int | None = None  # start a Redis Cluster of this many masters (each with a replica)
     database_url: str | None = None
     run_dir: Path | None = None
     handshake_rate: int | None = None
@@ -113,13 +115,19 @@ class Cluster:
     node_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     specs: list[NodeSpec] = field(default_factory=list)
+    redis_servers: RedisClusterServers | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="testpulse-cluster-"))
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            if self.redis_url is None:
+            if self.redis_url is None and self.redis_cluster:
+                self.redis_servers = RedisClusterServers(self.run_dir / "redis-cluster", masters=self.redis_cluster)
+                self.redis_url = self.redis_servers.start(max(1.0, deadline - time.monotonic())).url
+                # Stopped, and reported when they exit, like every other child.
+                self.processes.update({f"redis-{p}": proc for p, proc in self.redis_servers.processes.items()})
+            elif self.redis_url is None:
                 self.redis_url = self._start_redis(deadline)
             self.database_url = (
                 self.database_url
@@ -286,7 +294,8 @@ class Cluster:
     def stop(self, grace: float = 15.0) -> None:
         """Nodes first (they drain), then nginx, then Redis; SIGKILL whatever outlives the grace."""
         nodes = [s.node_id for s in self.specs]
-        for group in (nodes, ["nginx"], ["redis", "prometheus"]):
+        redis = ["redis", "prometheus", *(name for name in self.processes if name.startswith("redis-"))]
+        for group in (nodes, ["nginx"], redis):
             procs = [self.processes[name] for name in group if name in self.processes]
             for proc in procs:
                 if proc.poll() is None:
@@ -318,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         port=args.port,
         redis_url=args.redis_url,
+        redis_cluster=args.redis_cluster,
         database_url=args.database_url,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         handshake_rate=args.handshake_rate,
@@ -405,6 +415,13 @@ def register(commands: Any) -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--port", type=int, default=8080, help="the proxy's port")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start a Redis Cluster of N masters (N >= 3), each with one replica, instead of one redis-server",
+    )
     parser.add_argument("--database-url", default=None, help="default: TESTPULSE_DATABASE_URL or ./testpulse.db")
     parser.add_argument("--run-dir", default=None, help="logs and nginx prefix (default: a temp dir)")
     parser.add_argument("--handshake-rate", type=int, default=None, help="nginx handshakes/s per client address")
