@@ -5,6 +5,7 @@ viewer still holds every acked seq exactly once, in order."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -114,11 +115,14 @@ async def test_migrating_a_watched_sessions_slot_while_publishing_loses_and_repe
         source = await asyncio.to_thread(redis_servers.owner_port, slot)
         target = next(port for port in await asyncio.to_thread(redis_servers.master_ports) if port != source)
         await asyncio.to_thread(redis_servers.migrate_slot, slot, target)
+        moved = time.monotonic()
         assert await asyncio.to_thread(redis_servers.owner_port, slot) == target
         await all_listening(redis_servers, channel, NODES, what=f"every node on slot {slot}'s new master :{target}")
+        followed = time.monotonic() - moved
         await delivered_everywhere(publisher, watching)
     finally:
         await publisher.stop()
+    print(f"every node listened on the slot's new master {followed:.2f}s after CLUSTER SETSLOT NODE")
     await finish_publishing(publisher, watching, cluster)
 
 
@@ -133,18 +137,26 @@ async def test_a_failover_and_a_sigkilled_master_lose_and_repeat_nothing(
 
         # 1. The graceful kind: the replica takes over by CLUSTER FAILOVER; the old master stays up.
         first = await asyncio.to_thread(redis_servers.owner_port, slot)
+        started = time.monotonic()
         second = await asyncio.to_thread(redis_servers.failover, first)
         await settled(redis_servers)
         assert await asyncio.to_thread(redis_servers.owner_port, slot) == second
         await all_listening(redis_servers, channel, NODES, what=f"every node on the promoted master :{second}")
+        timings = {"failover": time.monotonic() - started}
         await delivered_everywhere(publisher, watching)
 
         # 2. The hard kind: SIGKILL of the master every node listens on; its replica is promoted.
+        started = time.monotonic()
         assert await asyncio.to_thread(redis_servers.kill_master, second) == first
         await settled(redis_servers)
         assert await asyncio.to_thread(redis_servers.owner_port, slot) == first
         await all_listening(redis_servers, channel, NODES, what=f"every node on the promoted master :{first}")
+        timings["kill"] = time.monotonic() - started
         await delivered_everywhere(publisher, watching)
     finally:
         await publisher.stop()
+    print(
+        f"every node listened on the promoted master {timings['failover']:.2f}s after CLUSTER FAILOVER, "
+        f"{timings['kill']:.2f}s after SIGKILL (cluster-node-timeout {redis_servers.node_timeout_ms} ms)"
+    )
     await finish_publishing(publisher, watching, cluster)
