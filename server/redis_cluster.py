@@ -120,12 +120,14 @@ class RedisClusterServers:
         return [port for port, proc in self.processes.items() if proc.poll() is None]
 
     def settled(self) -> bool:
-        """Every running server says the cluster is ok and agrees on the masters' count."""
+        """Every running server says the cluster is ok, agrees on the masters' count and sees the
+        same slot map (a failover or a slot move reaches the others by gossip)."""
         try:
             infos = [self.info(port) for port in self.running_ports()]
+            maps = {tuple(self.slot_map(port)) for port in self.running_ports()}
         except (redis.RedisError, OSError):
             return False
-        return all(
+        return len(maps) == 1 and all(
             info.get("cluster_state") == "ok"
             and info.get("cluster_slots_ok") == str(SLOTS)
             and info.get("cluster_size") == str(self.masters)
@@ -137,13 +139,19 @@ class RedisClusterServers:
             raw = client.execute_command("CLUSTER MYID")
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
+    def slot_map(self, port: int) -> list[tuple[int, int, int]]:
+        """(first slot, last slot, master port) ranges as the server of `port` sees them."""
+        with self.client(port) as client:
+            ranges = client.execute_command("CLUSTER SLOTS")
+        return sorted((int(start), int(end), int(master[1])) for start, end, master, *_ in ranges)
+
     def owner_port(self, slot: int) -> int:
-        """The port of the master serving `slot`, as the running servers see it."""
+        """The port of the master serving `slot`, as the first running master sees it (after a
+        change, settled() says when every server sees the same)."""
         for port in self.master_ports():
-            with self.client(port) as client:
-                for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
-                    if int(start) <= slot <= int(end):
-                        return int(master[1])
+            for start, end, master in self.slot_map(port):
+                if start <= slot <= end:
+                    return master
         raise ClusterError(f"no master serves slot {slot}")
 
     def replica_of(self, master_port: int) -> int:

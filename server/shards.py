@@ -46,6 +46,7 @@ from redis.exceptions import SlotNotCoveredError
 from server import internals, metrics
 from server.broker import LISTEN_SLICE_BUSY, LISTEN_SLICE_IDLE, ClusterManager
 from server.outbox import RepeatFilter
+from server.urls import is_cluster_url, normalise_redis_url
 
 log = logging.getLogger("testpulse.broker")
 
@@ -90,9 +91,9 @@ class ShardedClusterManager(ClusterManager):
         lacking = internals.missing(internals.REDIS_CLUSTER)
         if lacking:
             raise RuntimeError(f"this redis-py lacks what Redis Cluster support relies on: {'; '.join(lacking)}")
-        super().__init__(url, **kwargs)
-        if not self._clients.cluster_mode:
+        if not is_cluster_url(normalise_redis_url(url)):
             raise ValueError("ShardedClusterManager needs a redis+cluster:// URL")
+        super().__init__(url, **kwargs)
         self._links: dict[str, ShardLink] = {}
         self._down: dict[str, float] = {}  # master -> when it may be tried again (backing off)
         self._failures: dict[str, int] = {}  # master -> connections lost in a row

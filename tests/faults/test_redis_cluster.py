@@ -5,10 +5,12 @@ viewer still holds every acked seq exactly once, in order."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from support.cluster import (
     CONTROL_CHANNEL,
@@ -18,9 +20,11 @@ from support.cluster import (
     Viewer,
     Watch,
     finish_publishing,
+    http_status,
     room_channel,
     run_cluster,
 )
+from support.processes import wait_until
 from support.redis_cluster import (
     RedisClusterServers,
     all_listening,
@@ -57,6 +61,21 @@ async def delivered_everywhere(publisher: Publisher, watching: list[Viewer], *, 
         await viewer.wait_for_seq(target, deadline=20)
 
 
+async def shard_series(url: str) -> dict[tuple[str, str], float]:
+    """testpulse_redis_shard_channels of one node: (shard, state) -> value."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    pattern = r'^testpulse_redis_shard_channels\{shard="([^"]+)",state="(\w+)"\} ([0-9.e+]+)$'
+    return {(shard, state): float(value) for shard, state, value in re.findall(pattern, text, re.M)}
+
+
+async def every_node_ready(cluster: RunningCluster) -> None:
+    async def ready() -> bool:
+        return all([await http_status(f"{node.url}/ready") == 200 for node in cluster.nodes])
+
+    await wait_until(ready, deadline=30, what="every node's /ready to be 200")
+
+
 async def watched_session(
     cluster: RunningCluster, open_client: OpenClient, viewers: Watch, name: str
 ) -> tuple[str, list[Viewer], Publisher]:
@@ -86,6 +105,20 @@ async def test_sessions_on_different_shards_reach_every_node_once_and_a_late_joi
     watching = {s: await viewers(s, [n.url for n in cluster.nodes]) for s in (first, last)}
     for session_id in (first, last):
         assert await shard_subscribers(redis_servers, room_channel(session_id)) == NODES
+
+    # Each node says, per master, how many of the sessions it watches live there and are confirmed.
+    shards = {f"127.0.0.1:{port}" for port in owners}
+
+    async def confirmed_per_shard() -> bool:
+        for node in cluster.nodes:
+            series = await shard_series(node.url)
+            for shard in shards:
+                wanted = series.get((shard, "wanted"), 0)
+                if wanted < 1 or series.get((shard, "confirmed")) != wanted:
+                    return False
+        return True
+
+    await wait_until(confirmed_per_shard, deadline=15, what="per-shard wanted = confirmed on every node")
     publishers = [
         Publisher(await open_client(node.url, "detector"), s, interval=0.005, label=f"p{i}").start()
         for i, (node, s) in enumerate(zip(cluster.nodes, (first, last), strict=False))
@@ -116,6 +149,7 @@ async def test_migrating_a_watched_sessions_slot_while_publishing_loses_and_repe
         target = next(port for port in await asyncio.to_thread(redis_servers.master_ports) if port != source)
         await asyncio.to_thread(redis_servers.migrate_slot, slot, target)
         moved = time.monotonic()
+        await settled(redis_servers)
         assert await asyncio.to_thread(redis_servers.owner_port, slot) == target
         await all_listening(redis_servers, channel, NODES, what=f"every node on slot {slot}'s new master :{target}")
         followed = time.monotonic() - moved
@@ -153,6 +187,7 @@ async def test_a_failover_and_a_sigkilled_master_lose_and_repeat_nothing(
         await all_listening(redis_servers, channel, NODES, what=f"every node on the promoted master :{first}")
         timings["kill"] = time.monotonic() - started
         await delivered_everywhere(publisher, watching)
+        await every_node_ready(cluster)
     finally:
         await publisher.stop()
     print(
