@@ -97,6 +97,7 @@ class ShardedClusterManager(ClusterManager):
         self._links: dict[str, ShardLink] = {}
         self._down: dict[str, float] = {}  # master -> when it may be tried again (backing off)
         self._failures: dict[str, int] = {}  # master -> connections lost in a row
+        self._placement: dict[str, str] = {}  # needed channel -> the master it is placed on
         self._topology_stale = True
         self._wake = asyncio.Event()
         # Each shard connection hears a sender's numbers rising, but two connections interleave
@@ -212,18 +213,26 @@ class ShardedClusterManager(ClusterManager):
             self._topology_stale = False
             async with asyncio.timeout(self._connect_timeout * 2):
                 await self.redis.nodes_manager.initialize()
+            self._placement.clear()  # every channel is placed again from the new map
         now = time.monotonic()
         for node, retry_at in list(self._down.items()):
             if retry_at <= now:
                 del self._down[node]
         self._dirty = False
+        needed = self._needed()
+        for channel in [c for c in self._placement if c not in needed]:
+            del self._placement[channel]
+        for channel in needed:
+            # A slot is hashed once per channel and map (crc16 in Python is not free).
+            if channel not in self._placement:
+                owner = self._owner(channel)
+                if owner is None:
+                    self._topology_stale = True  # a slot mid-move: ask for the map again next pass
+                    continue
+                self._placement[channel] = owner
         placed: dict[str, set[str]] = defaultdict(set)
-        for channel in self._needed():
-            owner = self._owner(channel)
-            if owner is None:
-                self._topology_stale = True  # a slot mid-move: ask for the map again next pass
-                continue
-            placed[owner].add(channel)
+        for channel, node in self._placement.items():
+            placed[node].add(channel)
         for node, link in list(self._links.items()):
             if node not in placed:
                 await self._stop_link(link)
@@ -232,9 +241,10 @@ class ShardedClusterManager(ClusterManager):
             if found is None and node in self._down:
                 continue
             link = found or self._start_link(node)
-            probe = self._probe_channel_on(node)
-            if channels != link.target or probe != link.probe_channel:
-                link.target, link.probe_channel, link.dirty = channels, probe, True
+            if channels != link.target:
+                link.target, link.dirty = channels, True
+            if self._owner(link.probe_channel) != node:
+                link.probe_channel, link.dirty = self._probe_channel_on(node), True
 
     def _start_link(self, node: str) -> ShardLink:
         host, _, port = node.rpartition(":")
