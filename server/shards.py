@@ -32,6 +32,7 @@ clients of one master each, placed by that slot map.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -51,6 +52,7 @@ from server.urls import is_cluster_url, normalise_redis_url
 log = logging.getLogger("testpulse.broker")
 
 PLACE_INTERVAL = 0.5  # seconds between placement passes when nothing asks for one sooner
+TOPOLOGY_CHECK_INTERVAL = 5.0  # seconds between comparisons of the cluster's slot map with the placement
 REPEAT_KEYS_MAX = 65_536  # (sender, channel) pairs the repeat filter remembers
 
 
@@ -98,6 +100,8 @@ class ShardedClusterManager(ClusterManager):
         self._down: dict[str, float] = {}  # master -> when it may be tried again (backing off)
         self._failures: dict[str, int] = {}  # master -> connections lost in a row
         self._placement: dict[str, str] = {}  # needed channel -> the master it is placed on
+        self._slots: dict[str, int] = {}  # placed channel -> its hash slot (crc16 once per channel)
+        self._checked_at = time.monotonic()
         self._topology_stale = True
         self._wake = asyncio.Event()
         # Each shard connection hears a sender's numbers rising, but two connections interleave
@@ -209,12 +213,20 @@ class ShardedClusterManager(ClusterManager):
             self._wake.clear()
 
     async def _place(self) -> None:
+        now = time.monotonic()
+        if not self._topology_stale and now - self._checked_at >= TOPOLOGY_CHECK_INTERVAL:
+            self._checked_at = now
+            async with asyncio.timeout(self._connect_timeout):
+                self._topology_stale = await self._placement_outdated()
         if self._topology_stale:
             self._topology_stale = False
             async with asyncio.timeout(self._connect_timeout * 2):
                 await self.redis.nodes_manager.initialize()
-            self._placement.clear()  # every channel is placed again from the new map
-        now = time.monotonic()
+            before, self._placement = self._placement, {}  # every channel is placed again from the new map
+            if any(self._owner(channel) not in (None, node) for channel, node in before.items()):
+                # A channel moves between connections: both may hear it for a moment, and a
+                # sender's numbers may then come out of order. The store settles it.
+                self._catch_up_pending = True
         for node, retry_at in list(self._down.items()):
             if retry_at <= now:
                 del self._down[node]
@@ -222,6 +234,7 @@ class ShardedClusterManager(ClusterManager):
         needed = self._needed()
         for channel in [c for c in self._placement if c not in needed]:
             del self._placement[channel]
+            self._slots.pop(channel, None)
         for channel in needed:
             # A slot is hashed once per channel and map (crc16 in Python is not free).
             if channel not in self._placement:
@@ -246,7 +259,32 @@ class ShardedClusterManager(ClusterManager):
             if self._owner(link.probe_channel) != node:
                 link.probe_channel, link.dirty = self._probe_channel_on(node), True
 
+    async def _placement_outdated(self) -> bool:
+        """Whether the cluster's slot map now puts a placed channel or a probe on another master.
+        Not every move tells the subscriber: a master whose last slot leaves becomes a replica of
+        the master that took it and keeps its subscribers, with no sunsubscribe (same shard, so
+        they still hear, until that replica moves on). One CLUSTER SLOTS, cheap; the client's own
+        refresh is not (redis-py recycles every connection on it), so it runs only when this says."""
+        ranges = sorted(
+            (start, end, f"{primary['primary'][0]}:{primary['primary'][1]}")
+            for (start, end), primary in (await self.redis.cluster_slots()).items()
+        )
+        starts = [start for start, _, _ in ranges]
+
+        def owner(slot: int) -> str | None:
+            index = bisect.bisect_right(starts, slot) - 1
+            return ranges[index][2] if index >= 0 and ranges[index][1] >= slot else None
+
+        for channel, node in self._placement.items():
+            slot = self._slots.get(channel)
+            if slot is None:
+                slot = self._slots[channel] = key_slot(channel.encode())
+            if owner(slot) != node:
+                return True
+        return any(owner(key_slot(link.probe_channel.encode())) != link.node for link in self._links.values())
+
     def _start_link(self, node: str) -> ShardLink:
+        log.info("subscribing on Redis Cluster master %s", node)
         host, _, port = node.rpartition(":")
         link = ShardLink(node=node, host=host, port=int(port), probe_channel=self._probe_channel_on(node))
         self._links[node] = link
@@ -255,6 +293,7 @@ class ShardedClusterManager(ClusterManager):
         return link
 
     async def _stop_link(self, link: ShardLink) -> None:
+        log.info("no channel of this node on Redis Cluster master %s any more; closing its subscription", link.node)
         if self._links.get(link.node) is link:
             del self._links[link.node]
         if link.task is not None and link.task is not asyncio.current_task():

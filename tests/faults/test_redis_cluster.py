@@ -154,6 +154,20 @@ async def test_migrating_a_watched_sessions_slot_while_publishing_loses_and_repe
         await all_listening(redis_servers, channel, NODES, what=f"every node on slot {slot}'s new master :{target}")
         followed = time.monotonic() - moved
         await delivered_everywhere(publisher, watching)
+
+        # And with the operator's tool: `redis-cli --cluster reshard` moves every slot of that
+        # master (the session's among them) to the third one while detections keep coming.
+        third = next(
+            port for port in await asyncio.to_thread(redis_servers.master_ports) if port not in (source, target)
+        )
+        slots = await asyncio.to_thread(redis_servers.slots_of, target)
+        await asyncio.to_thread(redis_servers.reshard, target, third, slots)
+        await settled(redis_servers)
+        assert await asyncio.to_thread(redis_servers.owner_port, slot) == third
+        await all_listening(
+            redis_servers, channel, NODES, what=f"every node on slot {slot}'s master after reshard :{third}"
+        )
+        await delivered_everywhere(publisher, watching)
     finally:
         await publisher.stop()
     print(f"every node listened on the slot's new master {followed:.2f}s after CLUSTER SETSLOT NODE")
