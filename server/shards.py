@@ -12,7 +12,9 @@ When a slot moves (resharding) or its master fails over, Redis sends the subscri
 `sunsubscribe` for each channel of that slot; a killed master shows as a lost connection. Either
 way the channels are placed again from a fresh slot map, subscribed on their new owner, and
 once every needed channel is confirmed the feeds catch up from the store (detections are stored
-before they are published), as after a reconnect to a single Redis.
+before they are published), as after a reconnect to a single Redis. A move Redis does not announce
+(a master giving away its last slot becomes a replica and keeps its subscribers) is found by
+comparing the slot map with the placement every TOPOLOGY_CHECK_INTERVAL.
 
 Why not redis-py's own ClusterPubSub (redis.asyncio.cluster, redis-py 8.1): it keeps a PubSub
 per node and moves shard channels after a slots-cache refresh, but
