@@ -124,7 +124,8 @@ class Cluster:
         try:
             if self.redis_url is None and self.redis_cluster:
                 self.redis_servers = RedisClusterServers(self.run_dir / "redis-cluster", masters=self.redis_cluster)
-                self.redis_url = self.redis_servers.start(max(1.0, deadline - time.monotonic())).url
+                self.redis_url = self.redis_servers.start().url
+                deadline = time.monotonic() + timeout  # the nodes get the whole budget of their own
                 # Stopped, and reported when they exit, like every other child.
                 self.processes.update({f"redis-{p}": proc for p, proc in self.redis_servers.processes.items()})
             elif self.redis_url is None:
