@@ -104,6 +104,8 @@ class ShardedClusterManager(ClusterManager):
         self._placement: dict[str, str] = {}  # needed channel -> the master it is placed on
         self._slots: dict[str, int] = {}  # placed channel -> its hash slot (crc16 once per channel)
         self._checked_at = time.monotonic()
+        self._exported: set[str] = set()  # masters with per-shard series
+        self._lost_heard: dict[str, float] = {}  # master -> when its lost link last heard anything
         self._topology_stale = True
         self._wake = asyncio.Event()
         # Each shard connection hears a sender's numbers rising, but two connections interleave
@@ -151,10 +153,20 @@ class ShardedClusterManager(ClusterManager):
             log.warning("sharded subscription to %s not confirmed within %.1fs", channel, wait_seconds)
 
     def probe_age(self) -> float:
-        links = [link for link in self._links.values() if link.up]
-        if not links:
+        """The oldest shard's: a link that is up, or one lost while its master still holds channels."""
+        heard = [self._heard_on(node) for node in set(self._placement.values()) | set(self._links)]
+        known = [last for last in heard if last is not None]
+        if not known:
             return time.monotonic() - self._last_probe
-        return max(time.monotonic() - link.last_heard for link in links)
+        return time.monotonic() - min(known)
+
+    def _heard_on(self, node: str) -> float | None:
+        """When this node last heard anything from `node`'s shard: its link's, or while the link is
+        down or still connecting, the lost link's."""
+        link = self._links.get(node)
+        if link is not None and link.up:
+            return link.last_heard
+        return self._lost_heard.get(node, link.last_heard if link is not None else None)
 
     async def health(self) -> str:
         try:
@@ -301,7 +313,6 @@ class ShardedClusterManager(ClusterManager):
         if link.task is not None and link.task is not asyncio.current_task():
             link.task.cancel()
             await asyncio.gather(link.task, return_exceptions=True)
-        self._forget_series(link.node)
 
     def _link_lost(self, link: ShardLink, why: str) -> None:
         """A link's connection failed or went deaf: back off that master, read the slot map again
@@ -314,7 +325,7 @@ class ShardedClusterManager(ClusterManager):
         metrics.REDIS_RECONNECTS.inc()
         if self._links.get(link.node) is link:
             del self._links[link.node]
-        self._forget_series(link.node)
+        self._lost_heard[link.node] = min(link.last_heard, self._lost_heard.get(link.node, link.last_heard))
         self._topology_stale = True
         self._catch_up_pending = True
         self._wake.set()
@@ -385,6 +396,7 @@ class ShardedClusterManager(ClusterManager):
                 metrics.REDIS_RECONNECTS.inc()
                 self._catch_up_pending = True
             self._failures.pop(link.node, None)
+            self._lost_heard.pop(link.node, None)
         link.requested.discard(channel)
         link.subscribed.add(channel)
         if channel not in link.target and channel != link.probe_channel:
@@ -444,12 +456,25 @@ class ShardedClusterManager(ClusterManager):
         confirmed = self._confirmed()
         metrics.REDIS_CHANNELS.labels("wanted").set(len(self._wanted))
         metrics.REDIS_CHANNELS.labels("confirmed").set(len(self._wanted & confirmed))
+        # Per master the channels are placed on, whether or not its link is up: a shard that is
+        # down or deaf shows as wanted above confirmed, not as a missing series.
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for channel, node in self._placement.items():
+            if channel in self._wanted:
+                wanted[node].add(channel)
         now = time.monotonic()
-        for node, link in self._links.items():
-            wanted = link.target & self._wanted
-            metrics.REDIS_SHARD_CHANNELS.labels(node, "wanted").set(len(wanted))
-            metrics.REDIS_SHARD_CHANNELS.labels(node, "confirmed").set(len(wanted & link.confirmed()))
-            metrics.REDIS_SHARD_PROBE_AGE_SECONDS.labels(node).set(now - link.last_heard)
+        for node in set(wanted) | set(self._links):
+            link = self._links.get(node)
+            on_link = link.confirmed() if link is not None else set()
+            metrics.REDIS_SHARD_CHANNELS.labels(node, "wanted").set(len(wanted[node]))
+            metrics.REDIS_SHARD_CHANNELS.labels(node, "confirmed").set(len(wanted[node] & on_link))
+            last = self._heard_on(node)
+            if last is not None:
+                metrics.REDIS_SHARD_PROBE_AGE_SECONDS.labels(node).set(now - last)
+        for node in self._exported - set(wanted) - set(self._links):
+            self._forget_series(node)
+            self._lost_heard.pop(node, None)
+        self._exported = set(wanted) | set(self._links)
 
     def _forget_series(self, node: str) -> None:
         for state in ("wanted", "confirmed"):
