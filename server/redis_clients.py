@@ -16,7 +16,9 @@ from typing import Any
 
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from server.urls import is_cluster_url, normalise_redis_url, parse_cluster_url, parse_sentinel_url
 
@@ -71,9 +73,12 @@ class RedisClients:
 
     def shard(self, host: str, port: int) -> aioredis.Redis:
         """A plain client of one Redis Cluster master (a pub/sub connection pinned to that shard),
-        with the cluster's login and options."""
+        with the cluster's login and options. It never reconnects by itself: redis-py would
+        resubscribe every shard channel in one SSUBSCRIBE, which a master refuses (CROSSSLOT) as
+        soon as they span two slots; its owner (server/shards.py) opens a new one instead."""
         assert self._cluster_login is not None, "shard() is for Redis Cluster URLs"
-        return aioredis.Redis(host=host, port=port, **self._cluster_login, **self._options)
+        once = Retry(NoBackoff(), 0)
+        return aioredis.Redis(host=host, port=port, retry=once, **self._cluster_login, **self._options)
 
     async def master_moved(self, client: aioredis.Redis) -> bool:
         """Sentinel only: True when the master the Sentinels name is no longer the one `client`

@@ -390,11 +390,8 @@ class ShardedClusterManager(ClusterManager):
 
     def _confirm_on(self, link: ShardLink, channel: str) -> None:
         if channel == link.probe_channel:
-            if channel in link.subscribed:
-                # A second confirmation on one pub/sub object: redis-py reconnected and subscribed
-                # again by itself, below this link; what was published meanwhile is in the store.
-                metrics.REDIS_RECONNECTS.inc()
-                self._catch_up_pending = True
+            # (A shard client never reconnects by itself, server/redis_clients.py: unlike the
+            # single-Redis listener, no second confirmation can mean a reconnect below us.)
             self._failures.pop(link.node, None)
             self._lost_heard.pop(link.node, None)
         link.requested.discard(channel)

@@ -209,3 +209,21 @@ async def test_a_failover_and_a_sigkilled_master_lose_and_repeat_nothing(
         f"{timings['kill']:.2f}s after SIGKILL (cluster-node-timeout {redis_servers.node_timeout_ms} ms)"
     )
     await finish_publishing(publisher, watching, cluster)
+
+
+async def test_pubsub_connections_killed_on_one_master_are_rebuilt_and_lose_and_repeat_nothing(
+    cluster: RunningCluster, redis_servers: RedisClusterServers, open_client: OpenClient, viewers: Watch
+) -> None:
+    session_id, watching, publisher = await watched_session(cluster, open_client, viewers, "client-kill")
+    channel = room_channel(session_id)
+    try:
+        await delivered_everywhere(publisher, watching)
+        master = await asyncio.to_thread(redis_servers.owner_port, channel_slot(channel))
+        with redis_servers.client(master) as client:
+            killed = await asyncio.to_thread(client.execute_command, "CLIENT KILL", "TYPE", "pubsub")
+        assert int(killed) >= NODES, "every node had a pub/sub connection to the session's master"
+        await all_listening(redis_servers, channel, NODES, what=f"every node subscribed again on :{master}")
+        await delivered_everywhere(publisher, watching)
+    finally:
+        await publisher.stop()
+    await finish_publishing(publisher, watching, cluster)
