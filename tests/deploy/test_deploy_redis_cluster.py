@@ -81,3 +81,10 @@ def test_env_example_defines_every_variable_the_redis_cluster_file_requires():
     required = set(re.findall(r"\$\{(\w+):\?", FILE.read_text()))
     defined = set(env_file(DEPLOY / "env.example"))
     assert required <= defined, sorted(required - defined)
+
+
+def test_the_kubernetes_secret_example_names_a_redis_cluster_url_a_node_accepts():
+    text = (DEPLOY / "k8s" / "secret.example.yaml").read_text()
+    (url,) = re.findall(r"rediss\+cluster://\S+", text)
+    target = parse_cluster_url(Settings.from_env({"TESTPULSE_REDIS_URL": url}).redis_url or "")
+    assert target.tls and len(target.seeds) == 2
