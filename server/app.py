@@ -26,7 +26,9 @@ from server.realtime import Realtime, server_class
 from server.retention import Retention
 from server.sessions import Hub, Status
 from server.settings import Settings
+from server.shards import ShardedClusterManager
 from server.store import Database, SqlStore
+from server.urls import is_cluster_url
 from server.writer import GroupCommitLog
 
 log = logging.getLogger("testpulse.app")
@@ -50,7 +52,11 @@ class Node:
         self.log = GroupCommitLog(self.store, batch_max=settings.write_batch_max, queue_max=settings.write_queue_max)
         origins: str | list[str] = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
         self.cluster = (
-            ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
+            (ShardedClusterManager if is_cluster_url(settings.redis_url) else ClusterManager)(
+                settings.redis_url, key=cluster_key(settings.jwt_secret)
+            )
+            if settings.redis_url
+            else None
         )
         self.transport = engine.select(settings.transport)
         self.sio = server_class(self.transport)(

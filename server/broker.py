@@ -104,15 +104,20 @@ def detection_from_wire(data: object, session_id: str) -> StoredDetection | None
 
 
 class RedisPublisher:
-    """The outbox's Publisher over Redis: one pipeline (no transaction) per batch."""
+    """The outbox's Publisher over Redis: one pipeline (no transaction) per batch. `sharded`:
+    SPUBLISH on a RedisCluster, whose pipeline sends each master its commands in order."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: Any, *, sharded: bool = False) -> None:
         self._redis = redis
+        self._sharded = sharded
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for channel, payload in messages:
-            pipe.publish(channel, payload)
+            if self._sharded:
+                pipe.spublish(channel, payload)
+            else:
+                pipe.publish(channel, payload)
         await pipe.execute()
 
 
@@ -169,14 +174,14 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._sent = 0  # the number of this node's last outbox message
         self._repeats = RepeatFilter()
         self._outbox = Outbox(
-            publisher or RedisPublisher(self.redis),
+            publisher or RedisPublisher(self.redis, sharded=self._clients.cluster_mode),
             capacity=outbox_max,
             timeout=connect_timeout,
             backoff_max=backoff_max,
             after_overflow=self._announce_resync,
         )
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> Any:
         return self._clients.new()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -442,22 +447,23 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self._catch_up_pending = False
             self.on_resubscribed()
 
-    async def _dispatch(self, channel: str, raw: Any) -> None:
+    async def _dispatch(self, channel: str, raw: Any) -> bool:
+        """Handle one message from `channel`; False when it was not a verified message of ours."""
         message = self._verify(raw)
         if message is None:
             metrics.REDIS_MESSAGES_RECEIVED.labels("rejected").inc()
-            return
+            return False
         method = message["method"]
         # Any verified message proves the subscription hears; a busy node may read its own probe
         # late, and must not mistake that for a deaf connection.
         self._last_probe = time.monotonic()
         if method == "probe":
-            return
-        if self._is_repeat(message):
+            return True
+        if self._is_repeat(message, channel):
             metrics.REDIS_MESSAGES_RECEIVED.labels("repeat").inc()
-            return
+            return True
         if message.get("host_id") == self.host_id and method != "callback":
-            return
+            return True
         metrics.REDIS_MESSAGES_RECEIVED.labels(method if method in _KNOWN_METHODS else "other").inc()
         try:
             if method == "detections":
@@ -486,12 +492,18 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self._handle_close_room(message)
         except Exception:
             log.exception("handling a %s message failed", method)
+        return True
 
-    def _is_repeat(self, message: dict[str, Any]) -> bool:
+    def _is_repeat(self, message: dict[str, Any], channel: str) -> bool:
+        # One connection hears each sender's numbers rising, whatever the channel: `channel` is
+        # for ShardedClusterManager, whose connections (one per shard) interleave them.
         sender, number = message.get(SENDER_KEY), message.get(NUMBER_KEY)
         if not isinstance(sender, str) or not isinstance(number, int):
             return False  # a node from before message numbers: nothing to compare with
-        return self._repeats.is_repeat(sender, number)
+        return self._repeats.is_repeat(self._repeat_key(sender, channel), number)
+
+    def _repeat_key(self, sender: str, channel: str) -> str:
+        return sender
 
     def _on_detections(self, message: dict[str, Any]) -> None:
         session_id, items = message.get("session_id"), message.get("items")

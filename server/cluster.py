@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.resources
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +20,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from server.children import ClusterError, die_with_parent, find_binary, free_port
+from server.redis_cluster import RedisClusterServers
+
 # Copies of the repository's nginx.conf and deploy/prometheus/ ship inside the package, so that an
 # installed wheel runs the cluster from any folder; tests/unit/test_bundled_data.py keeps them identical.
 BUNDLED = importlib.resources.files("server") / "data"
@@ -29,34 +30,6 @@ NGINX_CONF = BUNDLED / "nginx.conf"
 PROMETHEUS_DIR = BUNDLED / "prometheus"
 PROXY_FAIL_TIMEOUT_SECONDS = 5  # nginx.conf: `max_fails=1 fail_timeout=5s` on every node
 NODES_BLOCK = re.compile(r"(    # BEGIN testpulse nodes\n).*?(    # END testpulse nodes\n)", re.S)
-PR_SET_PDEATHSIG = 1
-
-
-class ClusterError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def find_binary(name: str, *extra_dirs: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in ("/usr/sbin", "/usr/local/sbin", "/usr/bin", *extra_dirs):
-        candidate = Path(folder) / name
-        if candidate.exists():
-            return str(candidate)
-    raise ClusterError(f"{name} not found: run ./scripts/setup (it installs the Debian package)")
-
-
-def _die_with_parent() -> None:
-    # Children of a cluster that is SIGKILLed must not outlive it (no orphans, ever).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -132,6 +105,7 @@ class Cluster:
     nodes: int = 3
     port: int = 8080
     redis_url: str | None = None
+    redis_cluster: int | None = None  # start a Redis Cluster of this many masters (each with a replica)
     database_url: str | None = None
     run_dir: Path | None = None
     handshake_rate: int | None = None
@@ -141,13 +115,20 @@ class Cluster:
     node_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     specs: list[NodeSpec] = field(default_factory=list)
+    redis_servers: RedisClusterServers | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="testpulse-cluster-"))
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            if self.redis_url is None:
+            if self.redis_url is None and self.redis_cluster:
+                self.redis_servers = RedisClusterServers(self.run_dir / "redis-cluster", masters=self.redis_cluster)
+                self.redis_url = self.redis_servers.start().url
+                deadline = time.monotonic() + timeout  # the nodes get the whole budget of their own
+                # Stopped, and reported when they exit, like every other child.
+                self.processes.update({f"redis-{p}": proc for p, proc in self.redis_servers.processes.items()})
+            elif self.redis_url is None:
                 self.redis_url = self._start_redis(deadline)
             self.database_url = (
                 self.database_url
@@ -170,7 +151,7 @@ class Cluster:
         assert self.run_dir is not None
         log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
         )
         log.close()
         self.processes[name] = proc
@@ -314,7 +295,8 @@ class Cluster:
     def stop(self, grace: float = 15.0) -> None:
         """Nodes first (they drain), then nginx, then Redis; SIGKILL whatever outlives the grace."""
         nodes = [s.node_id for s in self.specs]
-        for group in (nodes, ["nginx"], ["redis", "prometheus"]):
+        redis = ["redis", "prometheus", *(name for name in self.processes if name.startswith("redis-"))]
+        for group in (nodes, ["nginx"], redis):
             procs = [self.processes[name] for name in group if name in self.processes]
             for proc in procs:
                 if proc.poll() is None:
@@ -346,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         port=args.port,
         redis_url=args.redis_url,
+        redis_cluster=args.redis_cluster,
         database_url=args.database_url,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         handshake_rate=args.handshake_rate,
@@ -433,6 +416,13 @@ def register(commands: Any) -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--port", type=int, default=8080, help="the proxy's port")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start a Redis Cluster of N masters (N >= 3), each with one replica, instead of one redis-server",
+    )
     parser.add_argument("--database-url", default=None, help="default: TESTPULSE_DATABASE_URL or ./testpulse.db")
     parser.add_argument("--run-dir", default=None, help="logs and nginx prefix (default: a temp dir)")
     parser.add_argument("--handshake-rate", type=int, default=None, help="nginx handshakes/s per client address")

@@ -136,6 +136,21 @@ SHARED: tuple[Need, ...] = (
     Need("engineio.base_server", "BaseServer", assigned=("sockets", "handlers")),
 )
 
+# server/shards.py: sharded pub/sub in redis.asyncio (redis-py 8.0 on; pyproject.toml admits older
+# ones for everything else), and the slot map of its RedisCluster, read again when a slot moves
+# (no public call refreshes it; the client itself calls this after MOVED). No stock fallback exists
+# (python-socketio has no Redis Cluster manager): ShardedClusterManager refuses to start without them.
+REDIS_CLUSTER: tuple[Need, ...] = (
+    _call("redis.asyncio.client", "PubSub.ssubscribe", "self"),
+    _call("redis.asyncio.client", "PubSub.sunsubscribe", "self"),
+    _call("redis.asyncio.cluster", "RedisCluster.spublish", "self", "shard_channel", "message"),
+    Need("redis.asyncio.cluster", "RedisCluster", assigned=("nodes_manager",)),
+    _call("redis.asyncio.cluster", "NodesManager.initialize", "self"),
+    _call("redis.asyncio.cluster", "RedisCluster.get_node_from_key", "self", "key"),
+    Need("redis.asyncio.cluster", "ClusterNode", assigned=("name", "host", "port")),
+    Need("redis.crc", "key_slot"),
+)
+
 Importer = Callable[[str], Any]
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from server.cluster import Cluster, ClusterError, free_port, terminate
+from server.children import ClusterError, free_port
+from server.cluster import Cluster, terminate
 
 SCENARIOS = ("storm", "fanout", "reconnect", "steady")
 # Beyond --run-time a run spends the ramp, the drain (bounded by --drain-timeout, 20 s by default)
@@ -255,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
                 database_url=args.database_url or f"sqlite+aiosqlite:///{results / 'cluster' / 'testpulse.db'}",
                 run_dir=results / "cluster",
                 node_env=dict(args.node_env or []),
+                redis_cluster=args.redis_cluster,
             )
             try:
                 cluster.start()
@@ -314,6 +316,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--target", default=None, help="proxy URL of a running cluster (default: start one)")
     parser.add_argument("--cluster-json", default=None, help="with --target: `testpulse cluster --json` output")
     parser.add_argument("--nodes", type=int, default=3, help="nodes of the local cluster")
+    parser.add_argument(
+        "--redis-cluster", type=int, default=None, metavar="N", help="local cluster on a Redis Cluster of N masters"
+    )
     parser.add_argument("--database-url", default=None, help="local cluster database (default: SQLite in results)")
     parser.add_argument(
         "--node-env",

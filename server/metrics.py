@@ -89,6 +89,23 @@ REDIS_CHANNELS = Gauge(
     "Session channels this node needs (wanted) and has confirmed on its current Redis subscription (confirmed).",
     ["state"],
 )
+# Redis Cluster only (server/shards.py): one series per master this node holds a pub/sub
+# connection to, named host:port (bounded by the masters' count), so that a deaf shard shows.
+REDIS_SHARD_CHANNELS = Gauge(
+    "testpulse_redis_shard_channels",
+    "Redis Cluster: sharded channels this node needs on a master (wanted) and has confirmed there (confirmed).",
+    ["shard", "state"],
+)
+REDIS_SHARD_PROBE_AGE_SECONDS = Gauge(
+    "testpulse_redis_shard_probe_age_seconds",
+    "Redis Cluster: seconds since this node's connection to a master last received its own probe.",
+    ["shard"],
+)
+REDIS_CHANNELS_MOVED = Counter(
+    "testpulse_redis_channels_moved_total",
+    "Redis Cluster: sharded channels Redis unsubscribed this node from because their slot moved"
+    " (a migration or a failover); each is resubscribed on the new owner, then the feeds catch up.",
+)
 REDIS_MESSAGES_RECEIVED = Counter(
     "testpulse_redis_messages_received_total", "Cross-node messages received from Redis, by kind.", ["kind"]
 )

@@ -1,4 +1,5 @@
-"""redis.asyncio clients for any accepted Redis URL: plain, TLS, unix socket or Sentinel-managed.
+"""redis.asyncio clients for any accepted Redis URL: plain, TLS, unix socket, Sentinel-managed or
+a Redis Cluster's seed nodes.
 
 A Sentinel-managed client asks the Sentinels for the master's address whenever it opens a
 connection, so a connection opened after a failover reaches the new master. A connection opened
@@ -14,9 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
-from server.urls import normalise_redis_url, parse_sentinel_url
+from server.urls import is_cluster_url, normalise_redis_url, parse_cluster_url, parse_sentinel_url
+
+# Options the plain client takes and RedisCluster does not (it retries by its own rules).
+_PLAIN_ONLY_OPTIONS = ("retry_on_timeout",)
 
 
 class RedisClients:
@@ -27,6 +34,14 @@ class RedisClients:
         self.url = normalise_redis_url(url)
         self._options = options
         self._sentinel: Sentinel | None = None
+        self._cluster_login: dict[str, Any] | None = None
+        if is_cluster_url(self.url):
+            seeds = parse_cluster_url(self.url)
+            self._seeds = seeds.seeds
+            credentials: dict[str, Any] = {"username": seeds.username, "password": seeds.password}
+            self._cluster_login = {key: value for key, value in credentials.items() if value is not None}
+            if seeds.tls:
+                self._cluster_login["ssl"] = True
         if self.url.startswith("redis+sentinel://"):
             target = parse_sentinel_url(self.url)
             self._service = target.service_name
@@ -39,12 +54,31 @@ class RedisClients:
     def sentinel_managed(self) -> bool:
         return self._sentinel is not None
 
-    def new(self) -> aioredis.Redis:
-        """A client with a pool of its own (a pub/sub connection is dropped whole when it goes deaf)."""
+    @property
+    def cluster_mode(self) -> bool:
+        """A Redis Cluster: new() makes RedisCluster clients, and pub/sub is sharded (server/shards.py)."""
+        return self._cluster_login is not None
+
+    def new(self) -> Any:
+        """A client with a pool of its own (a pub/sub connection is dropped whole when it goes deaf):
+        an aioredis.Redis, or a RedisCluster for a Redis Cluster URL (same command methods)."""
+        if self._cluster_login is not None:
+            options = {k: v for k, v in self._options.items() if k not in _PLAIN_ONLY_OPTIONS}
+            seeds = [ClusterNode(host, port) for host, port in self._seeds]
+            return RedisCluster(startup_nodes=seeds, **self._cluster_login, **options)
         if self._sentinel is not None:
             client: aioredis.Redis = self._sentinel.master_for(self._service, **self._master_options)
             return client
         return aioredis.Redis.from_url(self.url, **self._options)
+
+    def shard(self, host: str, port: int) -> aioredis.Redis:
+        """A plain client of one Redis Cluster master (a pub/sub connection pinned to that shard),
+        with the cluster's login and options. It never reconnects by itself: redis-py would
+        resubscribe every shard channel in one SSUBSCRIBE, which a master refuses (CROSSSLOT) as
+        soon as they span two slots; its owner (server/shards.py) opens a new one instead."""
+        assert self._cluster_login is not None, "shard() is for Redis Cluster URLs"
+        once = Retry(NoBackoff(), 0)
+        return aioredis.Redis(host=host, port=port, retry=once, **self._cluster_login, **self._options)
 
     async def master_moved(self, client: aioredis.Redis) -> bool:
         """Sentinel only: True when the master the Sentinels name is no longer the one `client`

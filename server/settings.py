@@ -80,7 +80,8 @@ class Settings:
         default=None,
         metadata={
             "doc": "URL of the Redis that joins nodes into a cluster (`redis://`, `rediss://`, `unix://`,"
-            " `valkey://`, `valkeys://`, `redis+sentinel://host:port,.../service`); unset runs a single node"
+            " `valkey://`, `valkeys://`, `redis+sentinel://host:port,.../service`, `redis+cluster://host:port,...`);"
+            " unset runs a single node"
         },
     )
     allowed_origins: tuple[str, ...] = field(

@@ -24,14 +24,26 @@ REDIS_FORMS = (
     "valkeys://",
     "redis+sentinel://",
     "valkey+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "valkey+cluster://",
+    "valkeys+cluster://",
 )
 SENTINEL_SHAPE = "redis+sentinel://[[user]:password@]host:port[,host:port...]/[db/]service_name"
+CLUSTER_SHAPE = "redis+cluster://[[user]:password@]host:port[,host:port...]"
 
 _POSTGRES_SCHEMES = ("postgresql+asyncpg", "postgresql", "postgres")
 _SQLITE_SCHEMES = ("sqlite+aiosqlite", "sqlite")
 # valkey speaks the Redis protocol: the redis client serves it once the scheme says redis.
 _REDIS_SCHEMES = {"redis": "redis", "rediss": "rediss", "unix": "unix", "valkey": "redis", "valkeys": "rediss"}
 _SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
+# A Redis Cluster's seed nodes; the `s` forms are TLS, as for `rediss://`.
+_CLUSTER_SCHEMES = {
+    "redis+cluster": "redis+cluster",
+    "valkey+cluster": "redis+cluster",
+    "rediss+cluster": "rediss+cluster",
+    "valkeys+cluster": "rediss+cluster",
+}
 
 
 class UrlError(ValueError):
@@ -66,10 +78,15 @@ def _asyncpg_query(rest: str) -> str:
 
 
 def normalise_redis_url(url: str) -> str:
-    """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`: valkey schemes become their redis twins."""
+    """`redis://`, `rediss://`, `unix://`, `redis+sentinel://` or `redis(s)+cluster://`: valkey
+    schemes become their redis twins."""
     scheme = _scheme(url)
     if scheme in _REDIS_SCHEMES:
         return f"{_REDIS_SCHEMES[scheme]}://{_rest(url)}"
+    if scheme in _CLUSTER_SCHEMES:
+        normal = f"{_CLUSTER_SCHEMES[scheme]}://{_rest(url)}"
+        parse_cluster_url(normal)  # refuse a malformed one now, not at the first connection
+        return normal
     if scheme in _SENTINEL_SCHEMES:
         normal = "redis+sentinel://" + _rest(url)
         parse_sentinel_url(normal)  # refuse a malformed one now, not at the first connection
@@ -113,6 +130,44 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         sentinels=tuple(sentinels),
         service_name=unquote(names[0]),
         db=int(numbers[0]) if numbers else 0,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """A Redis Cluster's seed nodes (the client learns the others from them) and its login."""
+
+    seeds: tuple[tuple[str, int], ...]
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def is_cluster_url(url: str) -> bool:
+    return _scheme(url) in _CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """`redis+cluster://[[user]:password@]host:port[,host:port...]`. No database number: a Redis
+    Cluster has only database 0, so a path is refused rather than silently ignored."""
+    if not is_cluster_url(url):
+        raise UrlError(f"{_shown(url)} is not a Redis Cluster URL; the form is {CLUSTER_SHAPE}")
+    parts = urlsplit(url)
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise UrlError(f"{_shown(url)}: a Redis Cluster URL takes no database or options; the form is {CLUSTER_SHAPE}")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for host_port in hosts.split(","):
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            raise UrlError(f"Redis Cluster seed {host_port!r} needs host:port; the form is {CLUSTER_SHAPE}")
+        seeds.append((host.strip("[]"), int(port)))
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    return ClusterTarget(
+        seeds=tuple(seeds),
+        tls=_scheme(url).startswith(("rediss", "valkeys")),
         username=unquote(username) or None,
         password=unquote(password) or None,
     )

@@ -204,6 +204,7 @@ async def start_cluster(
     env: Mapping[str, str] | None = None,
     start_timeout: float = 60.0,
     port: int | None = None,
+    redis_cluster: int | None = None,
 ) -> RunningCluster:
     """Run `testpulse cluster --json` in a process group of its own and wait for its JSON line.
     `port` is the proxy's (default: a free one): a second cluster on the first one's port is what
@@ -214,6 +215,8 @@ async def start_cluster(
     argv += ["--database-url", database_url, "--run-dir", str(run_dir)]
     if redis_url is not None:
         argv += ["--redis-url", redis_url]
+    if redis_cluster is not None:
+        argv += ["--redis-cluster", str(redis_cluster)]
     process = await spawn("testpulse cluster", argv, log_path=output, env=cluster_env(env), cwd=ROOT)
 
     async def described() -> bool:

@@ -106,3 +106,8 @@ def test_each_transport_has_its_own_engine_server_and_uvicorn_protocol() -> None
     assert engine.engine_server_class("stock") is engine.TaggedEngineServer
     assert engine.uvicorn_ws("lean") is LeanWebSocketProtocol
     assert engine.uvicorn_ws("stock") == "auto"
+
+
+@pytest.mark.parametrize("need", internals.REDIS_CLUSTER, ids=lambda need: need.name)
+def test_installed_redis_py_has_what_the_redis_cluster_manager_uses(need: Need) -> None:
+    assert internals.missing([need]) == []

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from server.settings import Settings, SettingsError
-from server.urls import SentinelTarget, UrlError, parse_sentinel_url
+from server.urls import (
+    ClusterTarget,
+    SentinelTarget,
+    UrlError,
+    normalise_redis_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -93,7 +100,7 @@ def test_redis_urls_in_every_accepted_form_become_the_clients_form(given: str, u
 
 @pytest.mark.parametrize(
     "url",
-    ["http://cache.example:6379", "memcached://cache.example", "cache.example:6379", "redis+cluster://c1:7000"],
+    ["http://cache.example:6379", "memcached://cache.example", "cache.example:6379", "redis+shard://c1:7000"],
 )
 def test_other_redis_urls_are_refused_listing_the_accepted_forms(url: str) -> None:
     message = refusal("TESTPULSE_REDIS_URL", url)
@@ -140,3 +147,36 @@ def test_sentinel_urls_name_the_sentinels_the_service_the_db_and_the_login(url: 
 def test_a_plain_redis_url_is_not_a_sentinel_url() -> None:
     with pytest.raises(UrlError):
         parse_sentinel_url("redis://s1:26379/0")
+
+
+@pytest.mark.parametrize(
+    ("url", "normal"),
+    [
+        ("redis+cluster://r1:7000", "redis+cluster://r1:7000"),
+        ("valkey+cluster://r1:7000,r2:7001", "redis+cluster://r1:7000,r2:7001"),
+        ("valkeys+cluster://u:p@r1:7000", "rediss+cluster://u:p@r1:7000"),
+    ],
+)
+def test_redis_cluster_urls_normalise_to_the_redis_scheme(url: str, normal: str) -> None:
+    assert normalise_redis_url(url) == normal
+
+
+def test_a_redis_cluster_url_names_its_seed_nodes_login_and_tls() -> None:
+    assert parse_cluster_url("rediss+cluster://user:s%40cret@r1:7000,[::1]:7001") == ClusterTarget(
+        seeds=(("r1", 7000), ("::1", 7001)), tls=True, username="user", password="s@cret"
+    )
+    assert parse_cluster_url("redis+cluster://r1:7000/") == ClusterTarget(seeds=(("r1", 7000),))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://r1",  # no port
+        "redis+cluster://r1:7000,:7001",
+        "redis+cluster://r1:7000/1",  # a cluster has database 0 only
+        "redis+cluster://r1:7000?timeout=1",
+    ],
+)
+def test_malformed_redis_cluster_urls_are_refused_with_the_form(url: str) -> None:
+    with pytest.raises(UrlError, match="redis\\+cluster://"):
+        normalise_redis_url(url)
