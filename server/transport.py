@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import engineio
@@ -30,6 +31,7 @@ from engineio import packet
 
 from server import metrics
 from server.engine import POLL_PACKETS_MAX, TaggedEngineServer
+from server.wiremessage import WireMessage, wire_message
 
 log = logging.getLogger("testpulse.transport")
 
@@ -42,6 +44,9 @@ SEND_BATCH = "testpulse.websocket.send_batch"
 # {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
 # stopped reading: a close frame would wait behind everything it has not taken, for ever.
 ABORT = "testpulse.websocket.abort"
+# The protocol behind the ASGI `send` has write_now(messages) -> bool: writes WireMessages at once,
+# without suspending (False: flow control holds writes back, nothing written).
+WRITE_NOW = "testpulse.websocket.write_now"
 
 
 class PacketQueue:
@@ -52,10 +57,14 @@ class PacketQueue:
     writer that has ended leaves the marks put after its own), and consumers call task_done()
     for packets only."""
 
-    __slots__ = ("_getter", "_idle", "_items", "_unfinished", "taken")
+    __slots__ = ("_getter", "_idle", "_items", "_unfinished", "on_put", "taken")
 
     def __init__(self) -> None:
         self.taken = 0  # packets handed to the consumer so far: tells a stalled reader from a slow one
+        # Set by a consumer that writes packets out itself as they come (NodeSocket's direct
+        # writes): a packet put then calls it instead of waking a waiting get(). The end mark
+        # (None) always wakes get().
+        self.on_put: Callable[[], None] | None = None
         self._items: deque[Any] | None = None
         self._getter: asyncio.Future[None] | None = None
         self._unfinished = 0
@@ -76,6 +85,13 @@ class PacketQueue:
         self._items.append(item)
         if item is not None:
             self._unfinished += 1
+            if self.on_put is not None:
+                self.on_put()
+                return
+        self.wake()
+
+    def wake(self) -> None:
+        """Resume a get() waiting for a packet (it takes what is queued, if anything)."""
         getter = self._getter
         if getter is not None:
             self._getter = None
@@ -93,6 +109,31 @@ class PacketQueue:
         if not self._items:
             self._items = None
         return item
+
+    def take(self, limit: int) -> list[Any]:
+        """Up to `limit` queued packets at once (each counted as taken and done), stopping before an
+        end mark, which stays queued for get()."""
+        items = self._items
+        taken: list[Any] = []
+        while items and len(taken) < limit and items[0] is not None:
+            taken.append(items.popleft())
+        if not items:
+            self._items = None
+        if taken:
+            self.taken += len(taken)
+            self._unfinished -= len(taken) - 1
+            self.task_done()
+        return taken
+
+    def unget(self, items: list[Any]) -> None:
+        """Put packets that take() returned back at the front, as if never taken."""
+        if not items:
+            return
+        if self._items is None:
+            self._items = deque()
+        self._items.extendleft(reversed(items))
+        self.taken -= len(items)
+        self._unfinished += len(items)
 
     async def get(self) -> Any:
         while not self._items:
@@ -143,6 +184,10 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     closed: bool
     closing: bool
     batch_writes = False  # the server takes SEND_BATCH (several WebSocket messages in one write)
+    # The protocol's write_now (WRITE_NOW): packets are then written by the node's Flusher as they
+    # come, and the writer task only wakes for what that cannot do (flow control, the end mark).
+    write_now: Callable[[list[WireMessage]], bool] | None = None
+    flush_due = False
 
     async def poll(self) -> list[Any]:
         if self.queue.empty():
@@ -280,7 +325,37 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
         extensions = environ.get("asgi.scope", {}).get("extensions") or {}
         self.batch_writes = SEND_BATCH in extensions
+        if WRITE_NOW in extensions:
+            # uvicorn's `send` is a bound method of the protocol; wrapped by a middleware, it is
+            # not, and every write then goes through the writer task.
+            self.write_now = getattr(getattr(environ.get("asgi.send"), "__self__", None), "write_now", None)
         return await super()._upgrade_websocket(environ)
+
+    def flush_soon(self) -> None:
+        """A packet was queued: have the node's Flusher write it at the end of this loop turn."""
+        if not self.flush_due:
+            self.flush_due = True
+            self.server.flusher.add(self)
+
+    def flush(self) -> None:
+        """Write what is queued, from the Flusher. While the writer task is at work (it takes what
+        is queued when it next looks), when flow control holds writes back and for the end mark,
+        the writer task does it instead: one writer at a time, in queue order."""
+        self.flush_due = False
+        queue = self.queue
+        if self.write_now is None or queue.empty() or not queue.consumer_waiting():
+            return
+        packets = queue.take(WRITE_PACKETS_MAX)
+        written = False
+        if packets:
+            try:
+                written = self.write_now([wire_message(pkt) for pkt in packets])
+            except Exception:  # noqa: BLE001 - the writer's own attempt fails the same way and ends it
+                written = False
+            if not written:
+                queue.unget(packets)
+        if not written or not queue.empty():
+            queue.wake()
 
     async def _write(self, ws: Any, packets: list[Any]) -> None:
         if self.batch_writes:
@@ -291,6 +366,14 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 await ws.send(pkt.encode())
 
     async def _write_forever(self, ws: Any) -> None:
+        if self.write_now is not None:
+            self.queue.on_put = self.flush_soon
+        try:
+            await self._write_until_closed(ws)
+        finally:
+            self.queue.on_put = None
+
+    async def _write_until_closed(self, ws: Any) -> None:
         deadline = self.server.write_timeout
         try:
             while True:
@@ -325,6 +408,29 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 await ws.asgi_send({"type": ABORT})
         await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
+
+
+class Flusher:
+    """Writes the packets queued for WebSocket clients in one loop turn at the start of the next,
+    from one callback per node: a detection queued for a hundred viewers costs a hundred writes,
+    not also a hundred writer tasks woken up, each with its own timeout. Packets queued together
+    (a commit of several detections) still leave in one write per client."""
+
+    def __init__(self) -> None:
+        self._due: list[NodeSocket] = []
+
+    def add(self, socket: NodeSocket) -> None:
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._due.append(socket)
+
+    def _flush(self) -> None:
+        due, self._due = self._due, []
+        for socket in due:
+            try:
+                socket.flush()
+            except Exception:  # one client's failure must not hold back the others'
+                log.exception("%s: flushing its queue failed", socket.sid)
 
 
 class Pinger:
@@ -440,6 +546,7 @@ class LeanEngineServer(TaggedEngineServer):
         super().__init__(*args, **kwargs)
         self.sockets = _SocketTable()
         self.pinger = Pinger(self)
+        self.flusher = Flusher()
         self._async = {**self._async, "translate_request": asgi_environ}
 
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:

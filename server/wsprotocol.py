@@ -5,7 +5,9 @@ connections:
   Headers, for as long as the connection lives: a few KB per idle client that nothing reads after
   the handshake. They are released once the connection is accepted.
 - An ASGI extension, SEND_BATCH: one message carries several WebSocket messages, framed one by one
-  and handed to the socket in one write. A busy client's writer wakes up to several queued
+  and handed to the socket in one write. And WRITE_NOW, a plain method (`write_now`) for callers
+  that write without a task of their own (server/transport.py's flusher): no suspension, and a
+  frame built once for every client that gets the same message. A busy client's writer wakes up to several queued
   Engine.IO packets; written one by one, each costs a system call (most of a frame's cost).
   The 101 response waits for the rest of its loop turn, so the first frames share its write.
 
@@ -23,10 +25,12 @@ from typing import Any
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.protocol import State
 
-from server.transport import ABORT, SEND_BATCH
+from server.transport import ABORT, SEND_BATCH, WRITE_NOW
+from server.wiremessage import WireMessage
 
-__all__ = ["ABORT", "SEND_BATCH", "LeanWebSocketProtocol"]
+__all__ = ["ABORT", "SEND_BATCH", "WRITE_NOW", "LeanWebSocketProtocol"]
 
 
 class _HeldWrites:
@@ -52,6 +56,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][SEND_BATCH] = {}
             scope["extensions"][ABORT] = {}
+            scope["extensions"][WRITE_NOW] = {}
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
@@ -96,6 +101,34 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             data, self._held = self._held, b""
             if not self.transport.is_closing():
                 self.transport.write(data)
+
+    def write_now(self, messages: list[WireMessage]) -> bool:
+        """WRITE_NOW: write these messages at once, without suspending; False, with nothing
+        written, while flow control holds writes back (the caller then waits, with its deadline,
+        through SEND_BATCH). On a connection without extensions, each message's frame is the same
+        bytes for every client (WireMessage.frame), built once for all of them."""
+        if not self.writable.is_set():
+            return False
+        if self.disconnected:
+            raise ClientDisconnected()
+        if not self.handshake_complete or self.close_sent or self.initial_response is not None:
+            raise RuntimeError(f"'{WRITE_NOW}' is only valid on an open WebSocket")
+        conn = self.conn
+        if conn.state is not State.OPEN:
+            raise ClientDisconnected()
+        if conn.extensions or conn.expect_continuation_frame:
+            for message in messages:
+                if message.binary:
+                    conn.send_binary(message.payload)
+                else:
+                    conn.send_text(message.payload)
+            frames = conn.data_to_send()
+        else:
+            # Control frames websockets has queued (a PONG) go first, as send_text would order them.
+            frames = [*conn.data_to_send(), *(message.frame for message in messages)]
+        held, self._held = self._held, b""
+        self.transport.write(b"".join([held, *frames]))
+        return True
 
     async def _send_batch(self, messages: list[str | bytes]) -> None:
         await self.writable.wait()  # the transport's flow control, as for a single message
