@@ -6,8 +6,13 @@ asyncio.Queue (four deques). On an idle node that is most of a client's memory, 
 a good share of its CPU. Here:
   - the reader awaits the WebSocket directly; a silent client is still closed by Engine.IO's own
     service task, which checks every socket's PING deadline;
-  - the writer waits on the queue without a timer (the queue's None ends it), and hands what it
-    finds queued to the server in one write where the server allows (server/wsprotocol.py);
+  - what is queued for a WebSocket is written at the end of the loop turn by one Flusher per node
+    (server/wsprotocol.py's WRITE_NOW: no suspension, every queued packet in one write, each
+    packet's frame built once for all its viewers); a writer task runs only while there is more
+    to do than that (flow control, with the write deadline, and the end of the stream), so an
+    idle client has none, and a busy one has none to wake up per packet;
+  - without WRITE_NOW, the writer waits on the queue without a timer (the queue's None ends it),
+    and hands what it finds queued to the server in one write where the server allows;
   - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
   - the queue is a deque allocated only while it holds packets.
 The wire protocol is unchanged (Engine.IO v4), long-polling included.
@@ -61,9 +66,8 @@ class PacketQueue:
 
     def __init__(self) -> None:
         self.taken = 0  # packets handed to the consumer so far: tells a stalled reader from a slow one
-        # Set by a consumer that writes packets out itself as they come (NodeSocket's direct
-        # writes): a packet put then calls it instead of waking a waiting get(). The end mark
-        # (None) always wakes get().
+        # Set by a consumer that takes what is queued as it comes (NodeSocket's direct writes):
+        # a put, of a packet or of the end mark, then calls it instead of waking a waiting get().
         self.on_put: Callable[[], None] | None = None
         self._items: deque[Any] | None = None
         self._getter: asyncio.Future[None] | None = None
@@ -85,10 +89,10 @@ class PacketQueue:
         self._items.append(item)
         if item is not None:
             self._unfinished += 1
-            if self.on_put is not None:
-                self.on_put()
-                return
-        self.wake()
+        if self.on_put is not None:
+            self.on_put()
+        else:
+            self.wake()
 
     def wake(self) -> None:
         """Resume a get() waiting for a packet (it takes what is queued, if anything)."""
@@ -188,6 +192,10 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     # come, and the writer task only wakes for what that cannot do (flow control, the end mark).
     write_now: Callable[[list[WireMessage]], bool] | None = None
     flush_due = False
+    _ws: Any = None
+    # The writer task while one runs; once it has ended the stream it stays, done, so that no
+    # other starts.
+    _writer: asyncio.Future[None] | None = None
 
     async def poll(self) -> list[Any]:
         if self.queue.empty():
@@ -269,13 +277,26 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 await self._write(ws, packets)
             else:
                 self.queue.put_nowait(None)  # poll() took the end-of-stream mark: the writer needs it
-        writer = asyncio.ensure_future(self._write_forever(ws))
+        self._ws = ws
+        if self.write_now is not None:
+            # Direct writes: the Flusher writes what is queued, and a writer task runs only while
+            # there is more to do than that (flow control, the end mark): an idle client has none.
+            self.queue.on_put = self.flush_soon
+            if not self.queue.empty():
+                self.flush_soon()
+        else:
+            self._start_writer()
         try:
             await self._read_forever(ws)
         finally:
             self.queue.put_nowait(None)  # ends the writer once it has sent what is queued
-            await writer
+            self.queue.on_put = None
+            await (self._writer or self._start_writer())
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+
+    def _start_writer(self) -> asyncio.Future[None]:
+        self._writer = asyncio.ensure_future(self._write_forever(self._ws))
+        return self._writer
 
     async def _finish_upgrade(self, ws: Any) -> bool:
         """Engine.IO's polling -> WebSocket upgrade: PING "probe", PONG "probe", then UPGRADE."""
@@ -338,15 +359,15 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             self.server.flusher.add(self)
 
     def flush(self) -> None:
-        """Write what is queued, from the Flusher. While the writer task is at work (it takes what
-        is queued when it next looks), when flow control holds writes back and for the end mark,
-        the writer task does it instead: one writer at a time, in queue order."""
+        """Write what is queued, from the Flusher. A writer task does it instead while one is at
+        work (it takes what is queued when it next looks), and one is started for what a direct
+        write cannot do: wait out flow control (with the write deadline), end the stream at the
+        end mark. One writer at a time, in queue order."""
         self.flush_due = False
         queue = self.queue
-        if self.write_now is None or queue.empty() or not queue.consumer_waiting():
+        if self.write_now is None or self._writer is not None or queue.empty():
             return
         packets = queue.take(WRITE_PACKETS_MAX)
-        written = False
         if packets:
             try:
                 written = self.write_now([wire_message(pkt) for pkt in packets])
@@ -354,8 +375,8 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 written = False
             if not written:
                 queue.unget(packets)
-        if not written or not queue.empty():
-            queue.wake()
+        if not queue.empty():
+            self._start_writer()
 
     async def _write(self, ws: Any, packets: list[Any]) -> None:
         if self.batch_writes:
@@ -366,17 +387,12 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 await ws.send(pkt.encode())
 
     async def _write_forever(self, ws: Any) -> None:
-        if self.write_now is not None:
-            self.queue.on_put = self.flush_soon
-        try:
-            await self._write_until_closed(ws)
-        finally:
-            self.queue.on_put = None
-
-    async def _write_until_closed(self, ws: Any) -> None:
         deadline = self.server.write_timeout
         try:
             while True:
+                if self.queue.on_put is not None and self.queue.empty():
+                    self._writer = None  # all written: back to direct writes
+                    return
                 packets = await self.poll()
                 if not packets:
                     break

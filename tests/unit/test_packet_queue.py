@@ -137,9 +137,9 @@ async def test_unget_puts_packets_back_in_front_as_if_never_taken() -> None:
     assert queue.get_nowait() == "x"
 
 
-async def test_with_on_put_a_packet_calls_it_and_leaves_a_waiting_get_asleep() -> None:
-    """A consumer that writes packets out itself (NodeSocket's direct writes) is told of each one;
-    its writer task, waiting in get(), wakes only for the end mark or when woken."""
+async def test_with_on_put_a_put_calls_it_and_leaves_a_waiting_get_asleep() -> None:
+    """A consumer that writes packets out itself (NodeSocket's direct writes) is told of each put,
+    the end mark's too; a get() waiting meanwhile wakes only when woken."""
     queue = PacketQueue()
     told: list[int] = []
     queue.on_put = lambda: told.append(queue.qsize())
@@ -150,9 +150,11 @@ async def test_with_on_put_a_packet_calls_it_and_leaves_a_waiting_get_asleep() -
     await asyncio.sleep(0)
     assert told == [1, 2] and not getter.done() and queue.consumer_waiting()
     assert queue.take(10) == ["a", "b"]
-    queue.put_nowait(None)  # the end mark wakes get() and is not reported
+    queue.put_nowait(None)
+    await asyncio.sleep(0)
+    assert told == [1, 2, 1] and not getter.done()
+    queue.wake()
     assert await asyncio.wait_for(getter, 1) is None
-    assert told == [1, 2]
 
 
 async def test_wake_resumes_a_waiting_get_with_what_is_queued() -> None:
