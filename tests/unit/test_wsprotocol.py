@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from server.wiremessage import WireMessage
-from server.wsprotocol import SEND_BATCH, WRITE_NOW, LeanWebSocketProtocol
+from server.wsprotocol import SEND_BATCH, WRITE_NOW, Gate, LeanWebSocketProtocol
 
 pytestmark = pytest.mark.unit
 
@@ -140,3 +140,46 @@ async def test_write_now_writes_in_order_with_other_sends_unless_flow_control_ho
     assert received == ["one", "dé", b"\x00b", "middle", "dé"]
     assert app.answers == [True, False, True]
     assert WRITE_NOW in app.extensions
+
+
+class Echo:
+    """Echoes what the client sends; records whether the parser still holds the upgrade request."""
+
+    def __init__(self) -> None:
+        self.parser_holds_request: bool | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        parser = send.__self__.conn.parser
+        self.parser_holds_request = "request" in (parser.gi_frame.f_locals if parser.gi_frame else {})
+        while (event := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": event.get("text") or "?"})
+
+
+async def test_after_the_handshake_frames_are_parsed_without_keeping_the_request() -> None:
+    app = Echo()
+    async with serving(app) as url, aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        for text in ("one", "two" * 50_000):  # a short frame and one with a 64-bit length
+            await ws.send_str(text)
+            assert (await ws.receive(timeout=5)).data == text
+    assert app.parser_holds_request is False
+
+
+async def test_the_gate_lets_waiters_through_once_set() -> None:
+    gate = Gate(False)
+    assert not gate.is_set()
+    waiters = [asyncio.create_task(gate.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True]
+    assert await gate.wait() is True  # open: no suspension
+    gate.clear()
+    cancelled = asyncio.create_task(gate.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    assert gate._waiters == []  # a cancelled waiter leaves nothing behind
+    gate.set()
