@@ -99,7 +99,7 @@ LEAN: tuple[Need, ...] = (
     Need(
         "websockets.protocol",
         "Protocol",
-        assigned=("state", "extensions", "expect_continuation_frame", "reader", "parser", "parser_exc"),
+        assigned=("state", "extensions", "expect_continuation_frame", "reader", "parser", "parser_exc", "writes"),
     ),
     _call("websockets.protocol", "Protocol.parse", "self"),
     Need("websockets.server", "ServerProtocol.parse", source=("yield from super().parse()",)),

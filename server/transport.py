@@ -118,6 +118,11 @@ class PacketQueue:
         """Up to `limit` queued packets at once (each counted as taken and done), stopping before an
         end mark, which stays queued for get()."""
         items = self._items
+        if items is not None and len(items) == 1 and items[0] is not None:  # the common case
+            self._items = None
+            self.taken += 1
+            self.task_done()
+            return [items[0]]
         taken: list[Any] = []
         while items and len(taken) < limit and items[0] is not None:
             taken.append(items.popleft())

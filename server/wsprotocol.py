@@ -186,9 +186,14 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 else:
                     conn.send_text(message.payload)
             frames = conn.data_to_send()
+        elif len(messages) == 1 and not conn.writes and not self._held:
+            # The common case, one packet and nothing else to send: its shared bytes as they are.
+            self.transport.write(messages[0].frame)
+            return True
         else:
             # Control frames websockets has queued (a PONG) go first, as send_text would order them.
-            frames = [*conn.data_to_send(), *(message.frame for message in messages)]
+            frames = conn.data_to_send()
+            frames.extend([message.frame for message in messages])
         held, self._held = self._held, b""
         self.transport.write(b"".join([held, *frames]))
         return True
