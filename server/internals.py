@@ -76,15 +76,35 @@ LEAN: tuple[Need, ...] = (
             "request",
             "response",
             "scope",
+            "queue",
         ),
+    ),
+    _override(
+        UVICORN_SANSIO, "WebSocketsSansIOProtocol.__init__", "self", "config", "server_state", "app_state", "_loop"
     ),
     _override(UVICORN_SANSIO, "WebSocketsSansIOProtocol.handle_connect", "self", "event"),
     _override(UVICORN_SANSIO, "WebSocketsSansIOProtocol.send", "self", "message"),
+    # The receive queue is replaced by a PacketQueue and `writable` by a Gate: uvicorn must use
+    # no more of them than they have.
+    Need(UVICORN_SANSIO, "WebSocketsSansIOProtocol.receive", source=("await self.queue.get()", "self.queue.empty()")),
+    Need(UVICORN_SANSIO, "WebSocketsSansIOProtocol.send", source=("await self.writable.wait()",)),
     Need("uvicorn.protocols.utils", "ClientDisconnected"),
     Need("websockets.exceptions", "InvalidState"),
     _call("websockets.server", "ServerProtocol.send_text", "self", "data"),
     _call("websockets.server", "ServerProtocol.send_binary", "self", "data"),
     _call("websockets.server", "ServerProtocol.data_to_send", "self"),
+    # write_now writes frames it serialized itself; the handshake's parser is replaced by the
+    # frame parser it ends in.
+    Need("websockets.protocol", "State"),
+    Need(
+        "websockets.protocol",
+        "Protocol",
+        assigned=("state", "extensions", "expect_continuation_frame", "reader", "parser", "parser_exc", "writes"),
+    ),
+    _call("websockets.protocol", "Protocol.parse", "self"),
+    Need("websockets.server", "ServerProtocol.parse", source=("yield from super().parse()",)),
+    Need("websockets.streams", "StreamReader", assigned=("buffer", "eof")),
+    _call("websockets.frames", "Frame.serialize", "self", "mask", "extensions"),
     # server/transport.py: NodeSocket
     Need(
         _SOCKET,

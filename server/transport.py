@@ -6,8 +6,13 @@ asyncio.Queue (four deques). On an idle node that is most of a client's memory, 
 a good share of its CPU. Here:
   - the reader awaits the WebSocket directly; a silent client is still closed by Engine.IO's own
     service task, which checks every socket's PING deadline;
-  - the writer waits on the queue without a timer (the queue's None ends it), and hands what it
-    finds queued to the server in one write where the server allows (server/wsprotocol.py);
+  - what is queued for a WebSocket is written at the end of the loop turn by one Flusher per node
+    (server/wsprotocol.py's WRITE_NOW: no suspension, every queued packet in one write, each
+    packet's frame built once for all its viewers); a writer task runs only while there is more
+    to do than that (flow control, with the write deadline, and the end of the stream), so an
+    idle client has none, and a busy one has none to wake up per packet;
+  - without WRITE_NOW, the writer waits on the queue without a timer (the queue's None ends it),
+    and hands what it finds queued to the server in one write where the server allows;
   - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
   - the queue is a deque allocated only while it holds packets.
 The wire protocol is unchanged (Engine.IO v4), long-polling included.
@@ -23,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import engineio
@@ -30,6 +36,7 @@ from engineio import packet
 
 from server import metrics
 from server.engine import POLL_PACKETS_MAX, TaggedEngineServer
+from server.wiremessage import WireMessage, wire_message
 
 log = logging.getLogger("testpulse.transport")
 
@@ -42,6 +49,9 @@ SEND_BATCH = "testpulse.websocket.send_batch"
 # {"type": ABORT}: drop the connection now, without a closing handshake. It is for a peer that has
 # stopped reading: a close frame would wait behind everything it has not taken, for ever.
 ABORT = "testpulse.websocket.abort"
+# The protocol behind the ASGI `send` has write_now(messages) -> bool: writes WireMessages at once,
+# without suspending (False: flow control holds writes back, nothing written).
+WRITE_NOW = "testpulse.websocket.write_now"
 
 
 class PacketQueue:
@@ -52,10 +62,13 @@ class PacketQueue:
     writer that has ended leaves the marks put after its own), and consumers call task_done()
     for packets only."""
 
-    __slots__ = ("_getter", "_idle", "_items", "_unfinished", "taken")
+    __slots__ = ("_getter", "_idle", "_items", "_unfinished", "on_put", "taken")
 
     def __init__(self) -> None:
         self.taken = 0  # packets handed to the consumer so far: tells a stalled reader from a slow one
+        # Set by a consumer that takes what is queued as it comes (NodeSocket's direct writes):
+        # a put, of a packet or of the end mark, then calls it instead of waking a waiting get().
+        self.on_put: Callable[[], None] | None = None
         self._items: deque[Any] | None = None
         self._getter: asyncio.Future[None] | None = None
         self._unfinished = 0
@@ -76,6 +89,13 @@ class PacketQueue:
         self._items.append(item)
         if item is not None:
             self._unfinished += 1
+        if self.on_put is not None:
+            self.on_put()
+        else:
+            self.wake()
+
+    def wake(self) -> None:
+        """Resume a get() waiting for a packet (it takes what is queued, if anything)."""
         getter = self._getter
         if getter is not None:
             self._getter = None
@@ -93,6 +113,36 @@ class PacketQueue:
         if not self._items:
             self._items = None
         return item
+
+    def take(self, limit: int) -> list[Any]:
+        """Up to `limit` queued packets at once (each counted as taken and done), stopping before an
+        end mark, which stays queued for get()."""
+        items = self._items
+        if items is not None and len(items) == 1 and items[0] is not None:  # the common case
+            self._items = None
+            self.taken += 1
+            self.task_done()
+            return [items[0]]
+        taken: list[Any] = []
+        while items and len(taken) < limit and items[0] is not None:
+            taken.append(items.popleft())
+        if not items:
+            self._items = None
+        if taken:
+            self.taken += len(taken)
+            self._unfinished -= len(taken) - 1
+            self.task_done()
+        return taken
+
+    def unget(self, items: list[Any]) -> None:
+        """Put packets that take() returned back at the front, as if never taken."""
+        if not items:
+            return
+        if self._items is None:
+            self._items = deque()
+        self._items.extendleft(reversed(items))
+        self.taken -= len(items)
+        self._unfinished += len(items)
 
     async def get(self) -> Any:
         while not self._items:
@@ -143,6 +193,14 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     closed: bool
     closing: bool
     batch_writes = False  # the server takes SEND_BATCH (several WebSocket messages in one write)
+    # The protocol's write_now (WRITE_NOW): packets are then written by the node's Flusher as they
+    # come, and the writer task only wakes for what that cannot do (flow control, the end mark).
+    write_now: Callable[[list[WireMessage]], bool] | None = None
+    flush_due = False
+    _ws: Any = None
+    # The writer task while one runs; once it has ended the stream it stays, done, so that no
+    # other starts.
+    _writer: asyncio.Future[None] | None = None
 
     async def poll(self) -> list[Any]:
         if self.queue.empty():
@@ -224,13 +282,26 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 await self._write(ws, packets)
             else:
                 self.queue.put_nowait(None)  # poll() took the end-of-stream mark: the writer needs it
-        writer = asyncio.ensure_future(self._write_forever(ws))
+        self._ws = ws
+        if self.write_now is not None:
+            # Direct writes: the Flusher writes what is queued, and a writer task runs only while
+            # there is more to do than that (flow control, the end mark): an idle client has none.
+            self.queue.on_put = self.flush_soon
+            if not self.queue.empty():
+                self.flush_soon()
+        else:
+            self._start_writer()
         try:
             await self._read_forever(ws)
         finally:
             self.queue.put_nowait(None)  # ends the writer once it has sent what is queued
-            await writer
+            self.queue.on_put = None
+            await (self._writer or self._start_writer())
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+
+    def _start_writer(self) -> asyncio.Future[None]:
+        self._writer = asyncio.ensure_future(self._write_forever(self._ws))
+        return self._writer
 
     async def _finish_upgrade(self, ws: Any) -> bool:
         """Engine.IO's polling -> WebSocket upgrade: PING "probe", PONG "probe", then UPGRADE."""
@@ -280,7 +351,37 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
         extensions = environ.get("asgi.scope", {}).get("extensions") or {}
         self.batch_writes = SEND_BATCH in extensions
+        if WRITE_NOW in extensions:
+            # uvicorn's `send` is a bound method of the protocol; wrapped by a middleware, it is
+            # not, and every write then goes through the writer task.
+            self.write_now = getattr(getattr(environ.get("asgi.send"), "__self__", None), "write_now", None)
         return await super()._upgrade_websocket(environ)
+
+    def flush_soon(self) -> None:
+        """A packet was queued: have the node's Flusher write it at the end of this loop turn."""
+        if not self.flush_due:
+            self.flush_due = True
+            self.server.flusher.add(self)
+
+    def flush(self) -> None:
+        """Write what is queued, from the Flusher. A writer task does it instead while one is at
+        work (it takes what is queued when it next looks), and one is started for what a direct
+        write cannot do: wait out flow control (with the write deadline), end the stream at the
+        end mark. One writer at a time, in queue order."""
+        self.flush_due = False
+        queue = self.queue
+        if self.write_now is None or self._writer is not None or queue.empty():
+            return
+        packets = queue.take(WRITE_PACKETS_MAX)
+        if packets:
+            try:
+                written = self.write_now([wire_message(pkt) for pkt in packets])
+            except Exception:  # noqa: BLE001 - the writer's own attempt fails the same way and ends it
+                written = False
+            if not written:
+                queue.unget(packets)
+        if not queue.empty():
+            self._start_writer()
 
     async def _write(self, ws: Any, packets: list[Any]) -> None:
         if self.batch_writes:
@@ -294,6 +395,9 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         deadline = self.server.write_timeout
         try:
             while True:
+                if self.queue.on_put is not None and self.queue.empty():
+                    self._writer = None  # all written: back to direct writes
+                    return
                 packets = await self.poll()
                 if not packets:
                     break
@@ -325,6 +429,29 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 await ws.asgi_send({"type": ABORT})
         await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
+
+
+class Flusher:
+    """Writes the packets queued for WebSocket clients in one loop turn at the start of the next,
+    from one callback per node: a detection queued for a hundred viewers costs a hundred writes,
+    not also a hundred writer tasks woken up, each with its own timeout. Packets queued together
+    (a commit of several detections) still leave in one write per client."""
+
+    def __init__(self) -> None:
+        self._due: list[NodeSocket] = []
+
+    def add(self, socket: NodeSocket) -> None:
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._due.append(socket)
+
+    def _flush(self) -> None:
+        due, self._due = self._due, []
+        for socket in due:
+            try:
+                socket.flush()
+            except Exception:  # one client's failure must not hold back the others'
+                log.exception("%s: flushing its queue failed", socket.sid)
 
 
 class Pinger:
@@ -440,6 +567,7 @@ class LeanEngineServer(TaggedEngineServer):
         super().__init__(*args, **kwargs)
         self.sockets = _SocketTable()
         self.pinger = Pinger(self)
+        self.flusher = Flusher()
         self._async = {**self._async, "translate_request": asgi_environ}
 
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:

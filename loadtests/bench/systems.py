@@ -409,7 +409,9 @@ class Sampler:
             self.procs[label] = procs
         self.rss_start = self._rss()
         self.rss_peak = dict(self.rss_start)
-        self.cpu_start = self._cpu()
+        self.cpu_split_start = self._cpu_split()
+        self.writes_start = self._writes()
+        self.cpu_start = {label: user + system for label, (user, system) in self.cpu_split_start.items()}
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -426,14 +428,30 @@ class Sampler:
         return out
 
     def _cpu(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        return {label: user + system for label, (user, system) in self._cpu_split().items()}
+
+    def _writes(self) -> dict[str, int]:
+        """write(2)-family system calls so far (/proc/PID/io syscw): how many socket writes a
+        node made, under uvloop (libuv writes a TCP socket with write/writev)."""
+        out: dict[str, int] = {}
         for label, procs in self.procs.items():
-            total = 0.0
+            total = 0
+            for proc in procs:
+                with contextlib.suppress(psutil.Error, AttributeError):
+                    total += proc.io_counters().write_count
+            out[label] = total
+        return out
+
+    def _cpu_split(self) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        for label, procs in self.procs.items():
+            user = system = 0.0
             for proc in procs:
                 with contextlib.suppress(psutil.Error):
                     times = proc.cpu_times()
-                    total += times.user + times.system
-            out[label] = total
+                    user += times.user
+                    system += times.system
+            out[label] = (user, system)
         return out
 
     def _run(self) -> None:
@@ -448,12 +466,15 @@ class Sampler:
         self._stop.set()
         self._thread.join(2)
         wall = time.monotonic() - self.started
-        cpu_end = self._cpu()
+        split_end = self._cpu_split()
+        cpu_end = {label: user + system for label, (user, system) in split_end.items()}
         rss_end = self._rss()
         return {
             "wall_s": round(wall, 2),
             "cpu_pct": {k: round(100.0 * (cpu_end[k] - self.cpu_start[k]) / wall, 1) for k in cpu_end},
             "cpu_s": {k: round(cpu_end[k] - self.cpu_start[k], 3) for k in cpu_end},
+            "cpu_system_s": {k: round(split_end[k][1] - self.cpu_split_start[k][1], 3) for k in split_end},
+            "write_calls": {k: v - self.writes_start.get(k, 0) for k, v in self._writes().items()},
             "rss_mb_start": {k: round(v / 2**20, 1) for k, v in self.rss_start.items()},
             "rss_mb_peak": {k: round(v / 2**20, 1) for k, v in self.rss_peak.items()},
             "rss_mb_end": {k: round(v / 2**20, 1) for k, v in rss_end.items()},

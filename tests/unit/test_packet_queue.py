@@ -95,3 +95,76 @@ async def test_discard_counts_the_packets_it_drops_not_the_marks() -> None:
         queue.put_nowait(item)
     assert queue.discard() == 2
     await asyncio.wait_for(queue.join(), 1)
+
+
+async def test_take_stops_before_an_end_mark_and_counts_what_it_took() -> None:
+    queue = PacketQueue()
+    for item in ("a", "b", "c", None, "d"):
+        queue.put_nowait(item)
+    assert queue.take(2) == ["a", "b"]
+    assert queue.take(10) == ["c"]  # the mark stays for get()
+    assert queue.take(10) == []
+    assert queue.taken == 3 and queue.qsize() == 2
+    joined = asyncio.create_task(queue.join())
+    await asyncio.sleep(0)
+    assert not joined.done()  # "d" is still outstanding
+    assert queue.get_nowait() is None
+    assert queue.get_nowait() == "d"
+    queue.task_done()
+    await asyncio.wait_for(joined, 1)
+
+
+async def test_join_returns_once_take_has_taken_everything() -> None:
+    queue = PacketQueue()
+    queue.put_nowait("a")
+    queue.put_nowait("b")
+    joined = asyncio.create_task(queue.join())
+    await asyncio.sleep(0)
+    assert queue.take(10) == ["a", "b"]
+    await asyncio.wait_for(joined, 1)
+    assert queue.empty()
+
+
+async def test_unget_puts_packets_back_in_front_as_if_never_taken() -> None:
+    queue = PacketQueue()
+    for item in ("a", "b", "c"):
+        queue.put_nowait(item)
+    taken = queue.take(2)
+    queue.unget(taken)
+    assert queue.taken == 0 and queue.qsize() == 3
+    assert queue.take(10) == ["a", "b", "c"]
+    queue.unget(["x"])  # onto an empty queue
+    assert queue.get_nowait() == "x"
+
+
+async def test_with_on_put_a_put_calls_it_and_leaves_a_waiting_get_asleep() -> None:
+    """A consumer that writes packets out itself (NodeSocket's direct writes) is told of each put,
+    the end mark's too; a get() waiting meanwhile wakes only when woken."""
+    queue = PacketQueue()
+    told: list[int] = []
+    queue.on_put = lambda: told.append(queue.qsize())
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("a")
+    queue.put_nowait("b")
+    await asyncio.sleep(0)
+    assert told == [1, 2] and not getter.done() and queue.consumer_waiting()
+    assert queue.take(10) == ["a", "b"]
+    queue.put_nowait(None)
+    await asyncio.sleep(0)
+    assert told == [1, 2, 1] and not getter.done()
+    queue.wake()
+    assert await asyncio.wait_for(getter, 1) is None
+
+
+async def test_wake_resumes_a_waiting_get_with_what_is_queued() -> None:
+    queue = PacketQueue()
+    queue.on_put = lambda: None
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("a")
+    await asyncio.sleep(0)
+    assert not getter.done()
+    queue.wake()
+    assert await asyncio.wait_for(getter, 1) == "a"
+    queue.wake()  # nobody waiting: nothing happens
