@@ -87,6 +87,13 @@ class RedisClusterServers:
             str(folder / "nodes.conf"),
             "--cluster-node-timeout",
             str(self.node_timeout_ms),
+            # testpulse keeps nothing in Redis that the database does not have (pub/sub, presence),
+            # so a replica that has not finished its sync may still take over: availability first.
+            # A replica of a fresh failover is then never left unable to stand in for its master.
+            "--cluster-replica-validity-factor",
+            "0",
+            "--repl-diskless-sync-delay",
+            "0",
             "--save",
             "",
             "--appendonly",
@@ -205,6 +212,15 @@ class RedisClusterServers:
             client.execute_command("CLUSTER FAILOVER")
         self._wait(lambda: self._safe_role(replica) == "master", time.monotonic() + timeout, f":{replica} promoted")
         return replica
+
+    def replica_synced(self, port: int) -> bool:
+        """The server is a replica whose link to its master is up (it has finished its sync)."""
+        try:
+            with self.client(port) as client:
+                info = client.info("replication")
+        except (redis.RedisError, OSError):
+            return False
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
     def kill_master(self, master_port: int, timeout: float = 30.0) -> int:
         """SIGKILL a master; returns its replica's port once the cluster has promoted it."""

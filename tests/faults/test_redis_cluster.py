@@ -194,6 +194,11 @@ async def test_a_failover_and_a_sigkilled_master_lose_and_repeat_nothing(
         await delivered_everywhere(publisher, watching)
 
         # 2. The hard kind: SIGKILL of the master every node listens on; its replica is promoted.
+        await wait_until(
+            lambda: asyncio.to_thread(redis_servers.replica_synced, first),
+            deadline=30,
+            what=f"the demoted :{first} to finish its sync with :{second}",
+        )
         started = time.monotonic()
         assert await asyncio.to_thread(redis_servers.kill_master, second) == first
         await settled(redis_servers)
