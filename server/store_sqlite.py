@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -16,8 +17,9 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from server.sessions import Session, Status
-from server.store import Database
+from server.protocol import DetectionIn, ProtocolError
+from server.sessions import Session, Status, StoredDetection
+from server.store import SESSION_READ_BATCH, Database, not_running, shares_of
 
 T = TypeVar("T")
 READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
@@ -38,7 +40,9 @@ class SqliteDatabase(Database):
         self._writer = self._engine(sync_url, immediate=True)
         self._reader = self._engine(sync_url, immediate=False, pool_size=READERS)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
-        self._read_threads = SqliteReaders(make_url(sync_url).database or "", timeout, READERS)
+        self._path = make_url(sync_url).database or ""
+        self._read_threads = SqliteReaders(self._path, timeout, READERS)
+        self._raw_writer: sqlite3.Connection | None = None  # opened and used on the writer thread only
 
     def _engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:
         engine = create_engine(
@@ -75,6 +79,42 @@ class SqliteDatabase(Database):
             # shield: a caller that gives up must not abandon a transaction halfway in its thread.
             return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
 
+    async def write_raw(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the writer thread's own sqlite3 connection, in one BEGIN IMMEDIATE
+        transaction that commits when it returns and rolls back if it raises: write() without
+        SQLAlchemy's pool checkout, begin/commit events and per-execution compile and processing,
+        for the hot append. One thread runs both, so their transactions never overlap."""
+
+        def transaction() -> T:
+            raw = self._raw_writer or self._open_raw_writer()
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(raw)
+                raw.execute("COMMIT")
+            except BaseException:
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
+            return result
+
+        async with self._guard():
+            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
+
+    def _open_raw_writer(self) -> sqlite3.Connection:
+        raw = sqlite3.connect(self._path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        # The engine's connect hook, for this connection too (WAL itself is the database's own mode).
+        raw.execute("PRAGMA synchronous=NORMAL")
+        raw.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        raw.execute("PRAGMA foreign_keys=ON")
+        self._raw_writer = raw
+        return raw
+
+    async def append_many(
+        self, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
+    ) -> list[list[StoredDetection] | ProtocolError]:
+        return await self.write_raw(lambda raw: _append_raw(raw, requests, now))
+
     async def read(self, work: Callable[[Connection], T]) -> T:
         def transaction(_raw: sqlite3.Connection) -> T:
             with self._reader.begin() as conn:
@@ -102,6 +142,8 @@ class SqliteDatabase(Database):
 
     async def close(self) -> None:
         self._write_thread.shutdown(wait=True)
+        if self._raw_writer is not None:
+            self._raw_writer.close()
         self._read_threads.close()
         self._writer.dispose()
         self._reader.dispose()
@@ -129,6 +171,94 @@ def _sessions_by_id(raw: sqlite3.Connection, ids: list[str]) -> list[Session]:
         )
         for session_id, name, status, config, last_seq, created_at, updated_at in cursor.fetchall()
     ]
+
+
+# The group append (store._append) in sqlite3's own terms, storing what SQLAlchemy's types store:
+# JSON columns as json.dumps text (None as 'null'), DateTime as naive ISO text in UTC. BEGIN
+# IMMEDIATE already holds the write lock that the engine path's SELECT ... FOR UPDATE stands for.
+TAKE_SEQS_SQL = "UPDATE test_sessions SET last_seq = last_seq + ? WHERE id = ? AND status = ? RETURNING last_seq"
+STATUS_SQL = "SELECT status FROM test_sessions WHERE id = ?"
+STORED_WITH_IDS_SQL = (
+    "SELECT seq, label, confidence, bbox, frame, ts, attributes, received_at, id FROM detections"
+    " WHERE session_id = ? AND id IN ({marks})"
+)
+INSERT_DETECTION_SQL = (
+    "INSERT INTO detections (session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _append_raw(
+    raw: sqlite3.Connection, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
+) -> list[list[StoredDetection] | ProtocolError]:
+    outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
+    stamp = _sqlite_time(now)
+    dumps = json.dumps
+    rows: list[tuple[Any, ...]] = []
+    for share in shares_of(requests):
+        ids = share.ids
+        # Read before the seq counter moves: a duplicate takes no seq.
+        share.decide(_stored_with_ids(raw, share.session_id, ids) if ids else {})
+        count = share.count
+        base: int | None = 0
+        if count:
+            bumped = raw.execute(TAKE_SEQS_SQL, (count, share.session_id, Status.RUNNING.value)).fetchall()
+            base = bumped[0][0] - count if bumped else None
+        refusal = functools.partial(_why_not_running, raw, share.session_id)
+        rows += [
+            (
+                d.session_id,
+                d.seq,
+                d.label,
+                d.confidence,
+                dumps(d.bbox),
+                d.frame,
+                dumps(d.ts),
+                dumps(d.attributes),
+                stamp,
+                d.id,
+            )
+            for d in share.settle(requests, base, refusal, now, outcomes)
+        ]
+    if rows:
+        raw.executemany(INSERT_DETECTION_SQL, rows)
+    return outcomes
+
+
+def _stored_with_ids(raw: sqlite3.Connection, session_id: str, ids: list[str]) -> dict[str, StoredDetection]:
+    found: dict[str, StoredDetection] = {}
+    for start in range(0, len(ids), SESSION_READ_BATCH):
+        chunk = ids[start : start + SESSION_READ_BATCH]
+        cursor = raw.execute(STORED_WITH_IDS_SQL.format(marks=",".join("?" * len(chunk))), [session_id, *chunk])
+        for seq, label, confidence, bbox, frame, ts, attributes, received_at, item_id in cursor.fetchall():
+            found[item_id] = StoredDetection(
+                session_id,
+                seq,
+                label,
+                confidence,
+                _json_value(bbox),
+                frame,
+                _json_value(ts),
+                _json_value(attributes),
+                datetime.fromisoformat(received_at).replace(tzinfo=UTC),
+                item_id,
+            )
+    return found
+
+
+def _why_not_running(raw: sqlite3.Connection, session_id: str) -> ProtocolError:
+    found = raw.execute(STATUS_SQL, (session_id,)).fetchall()
+    return not_running(session_id, found[0][0] if found else None)
+
+
+def _json_value(stored: Any) -> Any:
+    # A JSON column's NUMERIC affinity turns number text (a `ts`) into a number; the rest is JSON text.
+    return json.loads(stored) if isinstance(stored, str) else stored
+
+
+def _sqlite_time(moment: datetime) -> str:
+    """What SQLAlchemy's SQLite DateTime stores: UTC, no zone, always six digits of microseconds."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 class SqliteReaders:
