@@ -10,7 +10,6 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -39,10 +38,10 @@ class SqliteDatabase(Database):
         sync_url = url.replace("sqlite+aiosqlite://", "sqlite://", 1)
         self._writer = self._engine(sync_url, immediate=True)
         self._reader = self._engine(sync_url, immediate=False, pool_size=READERS)
-        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="testpulse-sqlite-write")
-        self._path = make_url(sync_url).database or ""
-        self._read_threads = SqliteReaders(self._path, timeout, READERS)
-        self._raw_writer: sqlite3.Connection | None = None  # opened and used on the writer thread only
+        path = make_url(sync_url).database or ""
+        # One thread for every write: SQLAlchemy's and the sqlite3 ones never overlap.
+        self._write_thread = SqliteReaders(path, timeout, 1, name="write", prepare=self._prepare_writer)
+        self._read_threads = SqliteReaders(path, timeout, READERS)
 
     def _engine(self, url: str, *, immediate: bool, pool_size: int = 1) -> Engine:
         engine = create_engine(
@@ -71,13 +70,13 @@ class SqliteDatabase(Database):
         return engine
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        def transaction() -> T:
+        def transaction(_raw: sqlite3.Connection) -> T:
             with self._writer.begin() as conn:
                 return work(conn)
 
         async with self._guard():
-            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
-            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
+            # A caller that gives up leaves the job to finish in its thread: never half a transaction.
+            return await self._write_thread.run(transaction)
 
     async def write_raw(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` on the writer thread's own sqlite3 connection, in one BEGIN IMMEDIATE
@@ -85,8 +84,7 @@ class SqliteDatabase(Database):
         SQLAlchemy's pool checkout, begin/commit events and per-execution compile and processing,
         for the hot append. One thread runs both, so their transactions never overlap."""
 
-        def transaction() -> T:
-            raw = self._raw_writer or self._open_raw_writer()
+        def transaction(raw: sqlite3.Connection) -> T:
             raw.execute("BEGIN IMMEDIATE")
             try:
                 result = work(raw)
@@ -98,17 +96,14 @@ class SqliteDatabase(Database):
             return result
 
         async with self._guard():
-            # shield: a caller that gives up must not abandon a transaction halfway in its thread.
-            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._write_thread, transaction))
+            # A caller that gives up leaves the job to finish in its thread: never half a transaction.
+            return await self._write_thread.run(transaction)
 
-    def _open_raw_writer(self) -> sqlite3.Connection:
-        raw = sqlite3.connect(self._path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        # The engine's connect hook, for this connection too (WAL itself is the database's own mode).
+    def _prepare_writer(self, raw: sqlite3.Connection) -> None:
+        # The engine's connect hook, for the writer thread's own connection too (WAL is the file's).
         raw.execute("PRAGMA synchronous=NORMAL")
         raw.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         raw.execute("PRAGMA foreign_keys=ON")
-        self._raw_writer = raw
-        return raw
 
     async def append_many(
         self, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
@@ -134,16 +129,15 @@ class SqliteDatabase(Database):
             return await self._read_threads.run(work)
 
     async def run_ddl(self, work: Callable[[Connection], T]) -> T:
-        def transaction() -> T:
+        def transaction(_raw: sqlite3.Connection) -> T:
             with self._writer.begin() as conn:
                 return work(conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
+        return await self._write_thread.run(transaction)
 
     async def close(self) -> None:
-        self._write_thread.shutdown(wait=True)
-        if self._raw_writer is not None:
-            self._raw_writer.close()
+        # Joins after the jobs already queued (a shutdown finishes its writes first).
+        self._write_thread.close()
         self._read_threads.close()
         self._writer.dispose()
         self._reader.dispose()
@@ -262,20 +256,30 @@ def _sqlite_time(moment: datetime) -> str:
 
 
 class SqliteReaders:
-    """Threads that each hold one sqlite3 connection and run read functions from one queue (a
-    function that reads through SQLAlchemy ignores the connection it is given).
+    """Threads that each hold one sqlite3 connection and run functions from one queue (a
+    function that works through SQLAlchemy ignores the connection it is given): the readers, and
+    the one writer thread, whose connection `prepare` sets up as the engine's hook does.
 
     A job's result comes back through one call_soon_threadsafe: about half the CPU of
     run_in_executor, whose concurrent and asyncio futures are chained for every call. A caller
     that stops waiting (timeout, cancellation) leaves the job to finish; its result is dropped."""
 
-    def __init__(self, path: str, timeout: float, count: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        timeout: float,
+        count: int,
+        *,
+        name: str = "read",
+        prepare: Callable[[sqlite3.Connection], None] = lambda _raw: None,
+    ) -> None:
         self._path = path
         self._timeout = timeout
+        self._prepare = prepare
         self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any]] | None]
         self._jobs = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._serve, name=f"testpulse-sqlite-read-{i}", daemon=True) for i in range(count)
+            threading.Thread(target=self._serve, name=f"testpulse-sqlite-{name}-{i}", daemon=True) for i in range(count)
         ]
         for thread in self._threads:
             thread.start()
@@ -295,6 +299,7 @@ class SqliteReaders:
     def _serve(self) -> None:
         raw = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
         try:
+            self._prepare(raw)
             while (job := self._jobs.get()) is not None:
                 loop, answer, work = job
                 try:
