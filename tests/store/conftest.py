@@ -14,8 +14,20 @@ from sqlalchemy.engine import make_url
 from server.protocol import DetectionIn
 from server.sessions import Session, Status, utcnow
 from server.store import Database, SqlStore
+from server.store_sqlite import SqliteDatabase
 
-DATABASES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+DATABASES = [
+    pytest.param("sqlite", id="sqlite"),
+    # The seam's default append (SQLAlchemy on write()), which SqliteDatabase overrides with sqlite3.
+    pytest.param("sqlite-engine", id="sqlite-engine"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+class EngineAppendSqlite(SqliteDatabase):
+    """SQLite with the Database seam's own append_many, so the default path stays tested."""
+
+    append_many = Database.append_many
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -25,7 +37,7 @@ def asyncpg_dsn(url: str) -> str:
 @pytest.fixture(params=DATABASES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres: Any) -> AsyncIterator[SqlStore]:
     """A store on an empty, migrated database: a new SQLite file, or a new database on the run's PostgreSQL."""
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         url, drop = f"sqlite+aiosqlite:///{tmp_path / 'testpulse.db'}", None
     else:
         server_url = make_url(await postgres.url())
@@ -33,7 +45,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres: Any) -
         admin = await asyncpg.connect(asyncpg_dsn(str(server_url.render_as_string(hide_password=False))))
         await admin.execute(f"CREATE DATABASE {drop}")
         url = server_url.set(database=drop).render_as_string(hide_password=False)
-    db = Database(url)
+    db = EngineAppendSqlite(url) if request.param == "sqlite-engine" else Database(url)
     try:
         await db.migrate(automatic=True)
         yield SqlStore(db)
