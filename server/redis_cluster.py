@@ -220,7 +220,7 @@ class RedisClusterServers:
                 info = client.info("replication")
         except (redis.RedisError, OSError):
             return False
-        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+        return bool(info.get("role") == "slave" and info.get("master_link_status") == "up")
 
     def kill_master(self, master_port: int, timeout: float = 30.0) -> int:
         """SIGKILL a master; returns its replica's port once the cluster has promoted it."""
