@@ -12,9 +12,10 @@ lists, the audit, migrations) keeps the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -97,7 +98,9 @@ class PostgresDatabase(Database):
         self._pool_lock = asyncio.Lock()
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
-        return (asyncpg.PostgresError, asyncpg.InterfaceError)
+        # InternalClientError: a connection whose protocol state asyncpg no longer trusts (seen as
+        # "another operation is in progress" while the server shut down); nothing was committed.
+        return (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
     async def _hot(self) -> asyncpg.Pool:
         """asyncpg's pool, made at first use with the engine's own connect arguments."""
@@ -162,7 +165,7 @@ class PostgresDatabase(Database):
         with_ids = [share for share in shares if share.ids]
         async with self._guard():
             pool = await self._hot()
-            async with pool.acquire() as conn:
+            async with pool.acquire() as conn, _terminated_on_failure(conn):
                 if len(shares) == 1 and not with_ids:
                     # The common case: one statement, its own transaction, one round trip.
                     shares[0].decide({})
@@ -253,6 +256,17 @@ def _json(value: Any) -> str | None:
 async def _json_codecs(conn: asyncpg.Connection) -> None:
     # The schema's JSON columns are `json`; decode them as the engine does (ints stay ints).
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+@contextlib.asynccontextmanager
+async def _terminated_on_failure(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A connection that failed (or was cancelled) mid-append goes, instead of back to the pool:
+    its protocol state is not trusted to serve the next append."""
+    try:
+        yield
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
