@@ -249,7 +249,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
 
     async def disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
-        if self.is_connected(sid, namespace) or self.is_pre_connected(sid, namespace):
+        # is_pre_connected is newer than the lowest python-socketio admitted (5.16.3).
+        pre_connected = getattr(self, "is_pre_connected", None)
+        if self.is_connected(sid, namespace) or (pre_connected is not None and pre_connected(sid, namespace)):
             await socketio.AsyncManager.disconnect(self, sid, namespace)
             return
         await super().disconnect(sid, namespace, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
@@ -74,6 +75,11 @@ STORED_WITH_IDS = (
 )
 
 
+# asyncpg 0.30 added the pool's reset hook; on 0.29 (the lowest admitted) a release runs the default
+# reset query, one more round trip, and everything else is the same.
+POOL_TAKES_RESET = "reset" in inspect.signature(asyncpg.create_pool).parameters
+
+
 class PostgresDatabase(Database):
     """No threads: every statement awaits its socket."""
 
@@ -111,16 +117,17 @@ class PostgresDatabase(Database):
                 _, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
                 for name in SQLALCHEMY_ONLY:
                     kwargs.pop(name, None)
+                if POOL_TAKES_RESET:
+                    # The hot statements leave no session state (no LISTEN, SET or session lock);
+                    # the default reset would cost one more round trip per statement. An open
+                    # transaction is still rolled back (asyncpg does that before calling this).
+                    kwargs["reset"] = _nothing_to_reset
                 self._pool = await asyncpg.create_pool(
                     **kwargs,
                     min_size=1,
                     max_size=self._pool_size,
                     server_settings=self._server_settings,
                     init=_json_codecs,
-                    # The hot statements leave no session state (no LISTEN, SET or session lock);
-                    # the default reset would cost one more round trip per statement. An open
-                    # transaction is still rolled back (asyncpg does that before calling this).
-                    reset=_nothing_to_reset,
                     timeout=self.timeout,
                 )
             return self._pool
