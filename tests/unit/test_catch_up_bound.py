@@ -59,7 +59,7 @@ def session(n: int) -> Session:
     return Session(id=f"s{n}", name=f"s{n}", status=Status.RUNNING, created_at=now, updated_at=now, last_seq=0)
 
 
-def feeds_over(log: GatedLog) -> Feeds:
+def feeds_over(log: GatedLog, count: int = FEEDS) -> Feeds:
     feeds = Feeds(
         socketio.AsyncServer(async_mode="asgi"),
         log,
@@ -69,7 +69,7 @@ def feeds_over(log: GatedLog) -> Feeds:
         gap_fill_delay=0.05,
         on_slow_consumer=lambda sid: None,
     )
-    for n in range(FEEDS):
+    for n in range(count):
         feeds._feed(session(n))
     return feeds
 
@@ -107,16 +107,7 @@ async def test_a_failing_store_is_retried_with_growing_delays(monkeypatch: pytes
     log = GatedLog()
     log.gate.set()
     log.failures_left = 5
-    feeds = Feeds(
-        socketio.AsyncServer(async_mode="asgi"),
-        log,
-        NoHistory(),
-        page_size=100,
-        client_queue_max=100,
-        gap_fill_delay=0.05,
-        on_slow_consumer=lambda sid: None,
-    )
-    feeds._feed(session(0))
+    feeds = feeds_over(log, count=1)
     feeds.resync()
     await wait_for(lambda: len(log.reads) == 6)
     backoff = [d for d in delays if d >= delivery.RETRY_SECONDS_MIN]
