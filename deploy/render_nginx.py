@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.cluster import NODES_BLOCK
+from testpulse.devtools.cluster import NODES_BLOCK
 
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent

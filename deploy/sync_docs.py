@@ -19,7 +19,7 @@ END = "<!-- END testpulse config -->"
 
 def config_table() -> str:
     testpulse = Path(sys.executable).parent / "testpulse"
-    argv = [str(testpulse), "config"] if testpulse.exists() else [sys.executable, "-m", "server", "config"]
+    argv = [str(testpulse), "config"] if testpulse.exists() else [sys.executable, "-m", "testpulse", "config"]
     return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
 

@@ -1,3 +1,3 @@
-from server.cli import main
+from testpulse.cli import main
 
 raise SystemExit(main())

@@ -14,22 +14,26 @@ from typing import Any
 import socketio
 from starlette.applications import Starlette
 
-from server import __version__, disconnects, engine, gctune, metrics
-from server.auth import TokenVerifier
-from server.broker import ClusterManager, NodeBroadcast, cluster_key
-from server.delivery import Feeds
-from server.http import HttpApi
-from server.presence import LocalBoard, Presence, PresenceBoard
-from server.presence_redis import RedisBoard
-from server.protocol import ErrorCode, ProtocolError
-from server.realtime import Realtime, server_class
-from server.retention import Retention
-from server.sessions import Hub, Status
-from server.settings import Settings
-from server.shards import ShardedClusterManager
-from server.store import Database, SqlStore
-from server.urls import is_cluster_url
-from server.writer import GroupCommitLog
+from testpulse import __version__, gctune, jsoncodec, metrics
+from testpulse.bus.broker import ClusterManager, cluster_key
+from testpulse.bus.presence import RedisBoard
+from testpulse.bus.shards import ShardedClusterManager
+from testpulse.domain import disconnects
+from testpulse.domain.auth import TokenVerifier
+from testpulse.domain.presence import LocalBoard, Presence, PresenceBoard
+from testpulse.domain.protocol import ErrorCode, ProtocolError
+from testpulse.domain.sessions import Hub, Status
+from testpulse.http.api import HttpApi
+from testpulse.realtime.broadcast import NodeBroadcast
+from testpulse.realtime.feeds import Feeds
+from testpulse.realtime.handlers import Realtime, server_class
+from testpulse.settings import Settings
+from testpulse.store.auto import open_database
+from testpulse.store.repository import SqlStore
+from testpulse.store.retention import Retention
+from testpulse.store.writer import GroupCommitLog
+from testpulse.transport import auto
+from testpulse.urls import is_cluster_url
 
 log = logging.getLogger("testpulse.app")
 
@@ -45,7 +49,7 @@ class Node:
         self._expirer: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
-        self.db = Database(
+        self.db = open_database(
             settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
         )
         self.store = SqlStore(self.db)
@@ -58,7 +62,7 @@ class Node:
             if settings.redis_url
             else None
         )
-        self.transport = engine.select(settings.transport)
+        self.transport = auto.select(settings.transport)
         self.sio = server_class(self.transport)(
             async_mode="asgi",
             client_manager=self.cluster,
@@ -69,6 +73,7 @@ class Node:
             ping_timeout=settings.ping_timeout_seconds,
             logger=False,
             engineio_logger=False,
+            json=jsoncodec,
         )
         self.sio.eio.write_timeout = settings.write_timeout_seconds
         self.feeds = Feeds(

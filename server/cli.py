@@ -11,13 +11,15 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
-from server import cluster, loadtest
-from server.auth import issue_token, parse_ttl
-from server.settings import Settings, SettingsError, env_name
+from testpulse.devtools import cluster, loadtest
+from testpulse.domain.auth import issue_token, parse_ttl
+from testpulse.settings import Settings, SettingsError, env_name
 
 # Socket.IO/Engine.IO framing around a payload; the WebSocket frame limit sits just above the
 # message limit so that Engine.IO, not the frame parser, decides what is too large.
 FRAME_OVERHEAD_BYTES = 4096
+# How often `testpulse migrate --check --wait` asks again: a pod starts at most this late after the migration.
+CHECK_INTERVAL_SECONDS = 2.0
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -33,7 +35,7 @@ class DrainingServer:
     def __init__(self, app: Any, settings: Settings, host: str, port: int) -> None:
         import uvicorn
 
-        from server import engine
+        from testpulse.transport import auto
 
         config = uvicorn.Config(
             app,
@@ -41,7 +43,7 @@ class DrainingServer:
             port=port,
             loop="auto",
             http="auto",
-            ws=engine.uvicorn_ws(app.node.transport),  # decided once, by the node (server/engine.py)
+            ws=auto.uvicorn_ws(app.node.transport),  # decided once, by the node (server/transport/auto.py)
             ws_max_size=settings.max_payload_bytes + FRAME_OVERHEAD_BYTES,
             ws_ping_interval=None,  # Engine.IO pings; a second heartbeat only costs frames
             ws_per_message_deflate=settings.websocket_compression,
@@ -83,7 +85,7 @@ class DrainingServer:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(node_id=args.node_id)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import create_app
+    from testpulse.app import create_app
 
     DrainingServer(create_app(settings), settings, args.host, args.port).run()
     return 0
@@ -110,13 +112,16 @@ def page_link(base_url: str, token: str, session_id: str | None = None) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """Upgrade the database of TESTPULSE_DATABASE_URL to this build's schema (or print the SQL)."""
+    """Upgrade the database of TESTPULSE_DATABASE_URL to this build's schema (or print the SQL, or
+    only check whether it is this build's)."""
     settings = _settings()
-    from server import schema
+    from testpulse.store import schema
 
     if args.sql:
         print(schema.offline_sql(settings.database_url), end="")
         return 0
+    if args.check:
+        return asyncio.run(_check(settings, args.wait))
     try:
         state = asyncio.run(_upgrade(settings.database_url))
     except schema.SchemaError as exc:
@@ -126,10 +131,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _upgrade(url: str) -> Any:
-    from server.store import Database
+async def _check(settings: Settings, wait: float) -> int:
+    """`testpulse migrate --check [--wait S]`: exit with the verdict's code (schema_check.Verdict)."""
+    from testpulse.store.schema_check import Finding, SchemaCheck, Verdict
 
-    db = Database(url)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefix = "testpulse migrate --check:"
+
+    def report(finding: Finding, elapsed: float) -> None:
+        print(f"{prefix} waiting for the schema ({elapsed:.0f} s of {wait:.0f}): {finding.message}", flush=True)
+
+    check = SchemaCheck(settings.database_url, timeout=settings.database_timeout_seconds)
+    try:
+        finding = await check.until_current(within=wait, interval=CHECK_INTERVAL_SECONDS, report=report)
+    finally:
+        await check.close()
+    if finding.verdict is Verdict.CURRENT:
+        print(f"{prefix} {finding.message}", flush=True)
+    elif wait > 0 and finding.verdict is not Verdict.NEWER:
+        print(f"{prefix} gave up after {wait:.0f} s: {finding.message}", file=sys.stderr, flush=True)
+    else:
+        print(f"{prefix} {finding.message}", file=sys.stderr, flush=True)
+    return int(finding.verdict)
+
+
+async def _upgrade(url: str) -> Any:
+    from testpulse.store.auto import open_database
+
+    db = open_database(url)
     try:
         return await db.upgrade()
     finally:
@@ -150,10 +179,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from server import metrics
+    from testpulse import metrics
 
     print(metrics.reference(), end="")
     return 0
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {raw!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -178,8 +217,23 @@ def parser() -> argparse.ArgumentParser:
     token.set_defaults(run=cmd_token)
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to this build's (run before a roll)")
-    migrate.add_argument(
+    mode = migrate.add_mutually_exclusive_group()
+    mode.add_argument(
         "--sql", action="store_true", help="print the SQL from an empty database instead (offline, no connection)"
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 0 when the schema is this build's, 1 when a migration is pending (empty or"
+        " older), 3 when it is newer than this build, 4 when the database does not answer",
+    )
+    migrate.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --check: check again every few seconds until the schema is this build's, for at most this"
+        " long (a newer schema ends the wait at once); for a pod that must not start before `testpulse migrate`",
     )
     migrate.set_defaults(run=cmd_migrate)
 
@@ -195,5 +249,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    args = root.parse_args(argv)
+    if args.command == "migrate" and args.wait and not args.check:
+        root.error("migrate --wait needs --check")
     return int(args.run(args))

@@ -10,11 +10,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from server.urls import UrlError, normalise_database_url, normalise_redis_url
+from testpulse.urls import UrlError, normalise_database_url, normalise_redis_url
 
 DEV_JWT_SECRET = "testpulse-dev-secret-change-me-0123456789"
 SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
-TRANSPORTS = ("auto", "lean", "stock")  # server/engine.py
+TRANSPORTS = ("auto", "lean", "stock")  # server/transport/auto.py
 
 T = TypeVar("T")
 

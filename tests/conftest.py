@@ -56,7 +56,7 @@ CONTRACT_ENV = {
 }
 
 
-# The stock transport (TESTPULSE_TRANSPORT=stock, server/engine.py) runs the contract on a smaller
+# The stock transport (TESTPULSE_TRANSPORT=stock, server/transport/auto.py) runs the contract on a smaller
 # matrix: SQLite only, and without the polling-to-WebSocket upgrade (python-engineio's own code).
 STOCK = "sqlite-stock"
 STOCK_SKIPS_TRANSPORTS = frozenset({"upgrade"})

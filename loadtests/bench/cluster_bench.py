@@ -1,6 +1,6 @@
 """`python -m loadtests.bench cluster`: testpulse against two baselines, the stock python-socketio
 cluster and Node.js socket.io with @socket.io/redis-adapter, each behind the repo's nginx.conf
-(rendered by server.cluster) with Redis, on loopback.
+(rendered by testpulse.devtools.cluster) with Redis, on loopback.
 
 Each scenario runs on a fresh testpulse cluster, then on a fresh stock cluster, then on a fresh
 node cluster (same nodes, same nginx config, same load generator); the summary gives testpulse's
@@ -142,6 +142,7 @@ async def storm(system: System, pool: Pool, args: argparse.Namespace, presence: 
         "failures": result["failures"],
         "elapsed_s": round(elapsed, 3),
         "joins_per_s": round(result["ok"] / elapsed, 1) if elapsed > 0 else None,
+        "node_cpu_us_per_join": cpu_us_per_delivery(system, usage, result["ok"]),
         "connect_join_ms": percentiles(sparse_from_values(result["latencies"])),
         "clients_per_node": clients_per_node(counters),
         "loadavg_1m": load[0],
@@ -461,6 +462,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     chosen["rounds"] = [
         {
             "joins_per_s": r.get("joins_per_s"),
+            "node_cpu_us_per_join": r.get("node_cpu_us_per_join"),
             "p99_ms": r.get("connect_join_ms", {}).get("p99"),
             "error": r.get("error"),
         }
@@ -715,7 +717,12 @@ def render(document: dict[str, Any], args: argparse.Namespace) -> str:
             )
         )
     out += render_ratios(document.get("ratios") or [], list(args.systems), BASELINES)
-    out += ["", "targets:", *targets(res)]
+    out += [
+        "",
+        "targets:",
+        *targets(res),
+        *node_targets(res, postgres=args.db != "sqlite", batched=bool(args.batch_ms)),
+    ]
     return "\n".join(out)
 
 
@@ -731,6 +738,64 @@ def server_latency_rows(runs: dict[str, Any]) -> list[str]:
         if shown:
             parts.append(f"{node}: " + ", ".join(shown))
     return parts
+
+
+def _commit_p50_ms(run: dict[str, Any]) -> float:
+    """The publisher's node's own commit p50 (its store-write histogram): what one durable commit costs."""
+    commits = [kinds["store_write"] for kinds in (run.get("server_latency") or {}).values()]
+    measured = [c["p50_ms"] for c in commits if c["count"] and c["p50_ms"] is not None]
+    return max(measured, default=0.0)
+
+
+def node_targets(res: dict[str, dict[str, Any]], *, postgres: bool, batched: bool) -> list[str]:
+    """The targets against Node.js socket.io in the same run: latency and ack p50 within Node's + 1 ms
+    (+ one commit on PostgreSQL, printed beside), CPU per delivery and per join at most 0.8x Node's,
+    joins/s at least 1.3x, the highest sustained rate at least 1.5x (3x batched)."""
+    lines: list[str] = []
+
+    def pair(scenario: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        runs = res.get(scenario, {})
+        ok = {k: r for k, r in runs.items() if r and "error" not in r and "skipped" not in r}
+        return ok.get("testpulse"), ok.get("node")
+
+    def verdict(good: bool) -> str:
+        return "met" if good else "NOT met"
+
+    tp, nd = pair("fanout")
+    if tp and nd:
+        commit = _commit_p50_ms(tp) if postgres else 0.0
+        allowance = 1.0 + commit
+        why = f"node's + 1 ms + one commit ({commit:.2f} ms, the node's own p50)" if postgres else "node's + 1 ms"
+        for label, a, b in (
+            ("delivery latency p50", tp["latency_ms"]["p50"], nd["latency_ms"]["p50"]),
+            ("publish ack p50", tp["publisher"]["ack_ms"]["p50"], nd["publisher"]["ack_ms"]["p50"]),
+        ):
+            if a is not None and b is not None:
+                lines.append(f"  node: fanout {label} {a} vs {b} ms (<= {why}): " + verdict(a <= b + allowance))
+        a, b = tp.get("node_cpu_us_per_delivery"), nd.get("node_cpu_us_per_delivery")
+        if a and b:
+            lines.append(
+                f"  node: fanout CPU per delivery {a} vs {b} µs = {a / b:.2f}x (<= 0.8x): " + verdict(a <= 0.8 * b)
+            )
+    tp, nd = pair("storm")
+    if tp and nd and nd.get("joins_per_s"):
+        ratio = (tp["joins_per_s"] or 0) / nd["joins_per_s"]
+        lines.append(
+            f"  node: storm joins/s {tp['joins_per_s']} vs {nd['joins_per_s']} = {ratio:.2f}x (>= 1.3x): "
+            + verdict(ratio >= 1.3)
+        )
+        a, b = tp.get("node_cpu_us_per_join"), nd.get("node_cpu_us_per_join")
+        if a and b:
+            lines.append(f"  node: storm CPU per join {a} vs {b} µs = {a / b:.2f}x (<= 0.8x): " + verdict(a <= 0.8 * b))
+    tp, nd = pair("maxrate")
+    if tp and nd and nd.get("max_deliveries_per_s"):
+        ratio = (tp["max_deliveries_per_s"] or 0) / nd["max_deliveries_per_s"]
+        need = 3.0 if batched else 1.5
+        lines.append(
+            f"  node: maxrate {tp['max_deliveries_per_s']} vs {nd['max_deliveries_per_s']} deliveries/s = {ratio:.2f}x"
+            f" (>= {need:g}x{' batched' if batched else ', one frame per event'}): " + verdict(ratio >= need)
+        )
+    return lines
 
 
 def targets(res: dict[str, dict[str, Any]]) -> list[str]:

@@ -39,9 +39,9 @@ async def measure(clients: int) -> None:
         }
     )
     os.environ.pop("TESTPULSE_REDIS_URL", None)
-    from server import engine
-    from server.app import create_app
-    from server.settings import Settings
+    from testpulse.app import create_app
+    from testpulse.settings import Settings
+    from testpulse.transport import auto
 
     app = create_app(Settings.from_env())
     port = free_port()
@@ -49,7 +49,7 @@ async def measure(clients: int) -> None:
         app,
         host="127.0.0.1",
         port=port,
-        ws=engine.uvicorn_ws(app.node.transport),
+        ws=auto.uvicorn_ws(app.node.transport),
         ws_ping_interval=None,
         ws_per_message_deflate=False,
         lifespan="on",

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from server.auth import issue_token
-from server.cluster import Cluster
-from server.settings import Settings
+from testpulse.devtools.cluster import Cluster
+from testpulse.domain.auth import issue_token
+from testpulse.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "browser" / "driver.mjs"
@@ -118,7 +118,7 @@ async def main(rates: list[int], duration: float) -> None:
     os.environ.setdefault("TESTPULSE_RATE_LIMIT_BURST", "100000")
     settings = Settings.from_env({"TESTPULSE_JWT_SECRET": os.environ["TESTPULSE_JWT_SECRET"]})
     run_dir = Path(tempfile.mkdtemp(prefix="testpulse-page-bench-"))
-    from server.cluster import free_port
+    from testpulse.devtools.cluster import free_port
 
     cluster = Cluster(
         nodes=3, port=free_port(), run_dir=run_dir, database_url=f"sqlite+aiosqlite:///{run_dir / 'bench.db'}"

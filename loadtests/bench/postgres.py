@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from server.cluster import ClusterError, free_port
+from testpulse.devtools.cluster import ClusterError, free_port
 
 PR_SET_PDEATHSIG = 1
 MAX_CONNECTIONS = 200

@@ -32,6 +32,7 @@ def _routing_decoded(r: dict[str, Any]) -> float | None:
 MEASURES = (
     Measure("storm", "joins/s", "higher", lambda r: r["joins_per_s"]),
     Measure("storm", "connect+join p99 ms", "lower", lambda r: r["connect_join_ms"]["p99"]),
+    Measure("storm", "node CPU µs per join", "lower", lambda r: r.get("node_cpu_us_per_join")),
     Measure("fanout", "latency p50 ms", "lower", lambda r: r["latency_ms"]["p50"]),
     Measure("fanout", "latency p99 ms", "lower", lambda r: r["latency_ms"]["p99"]),
     Measure("fanout", "node CPU µs per delivery", "lower", lambda r: r.get("node_cpu_us_per_delivery")),

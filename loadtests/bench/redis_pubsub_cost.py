@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from server.cluster import find_binary, free_port
+from testpulse.devtools.cluster import find_binary, free_port
 
 MARKER = b"capacity-end-marker"
 

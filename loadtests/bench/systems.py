@@ -1,5 +1,5 @@
 """Systems under test, started and stopped by the benchmarks: one testpulse node, a testpulse
-cluster (server.cluster.Cluster: Redis, N nodes, the repo's nginx.conf) and the same cluster
+cluster (testpulse.devtools.cluster.Cluster: Redis, N nodes, the repo's nginx.conf) and the same cluster
 shape running the stock python-socketio server (stock_server.py) or the Node.js baseline
 (node_baseline/server.js: socket.io with @socket.io/redis-adapter) behind the same nginx config.
 Also: tokens, sessions, node counters, and a sampler of CPU and RSS per process."""
@@ -26,9 +26,9 @@ from typing import Any
 import aiohttp
 import psutil
 
-from server.auth import issue_token
-from server.cluster import Cluster, NodeSpec, free_port, wait_http_ok
-from server.settings import Settings
+from testpulse.devtools.cluster import Cluster, NodeSpec, free_port, wait_http_ok
+from testpulse.domain.auth import issue_token
+from testpulse.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_SECRET = "testpulse-bench-secret-0123456789abcdef-XYZ"
@@ -197,7 +197,7 @@ class System:
 
 
 class SingleNode(System):
-    """One testpulse node (`python -m server serve`) without Redis, on SQLite or a given database."""
+    """One testpulse node (`python -m testpulse serve`) without Redis, on SQLite or a given database."""
 
     def __init__(
         self, database_url: str | None = None, env: dict[str, str] | None = None, server_repo: Path | None = None
@@ -222,7 +222,7 @@ class SingleNode(System):
         self.log_path = self.dir / "node1.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [python, "-m", "testpulse", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -293,7 +293,7 @@ class TestpulseCluster(_ClusterSystem):
 
 
 class _StockNodes(Cluster):
-    """server.cluster.Cluster whose nodes are the stock server; Redis and nginx start as usual."""
+    """testpulse.devtools.cluster.Cluster whose nodes are the stock server; Redis and nginx start as usual."""
 
     extra_args: tuple[str, ...] = ()
 
@@ -363,7 +363,7 @@ def node_binary() -> str:
 
 
 class _NodeBaselineNodes(Cluster):
-    """server.cluster.Cluster whose nodes are node_baseline/server.js, one `node` process each (so
+    """testpulse.devtools.cluster.Cluster whose nodes are node_baseline/server.js, one `node` process each (so
     the sampler sees the process that does the work); Redis and nginx start as usual."""
 
     def _start_node(self, spec: NodeSpec) -> None:

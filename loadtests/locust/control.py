@@ -33,10 +33,10 @@ from locust import LoadTestShape, events
 from locust.env import Environment
 from locust.runners import WORKER_REPORT_INTERVAL, LocalRunner, MasterRunner, WorkerRunner
 
-from loadtests.locust import slo
-from loadtests.locust.client import DELIVERY, RECOVER, SIO, Recorder
+from testpulse.devtools.scenarios import slo
+from testpulse.devtools.scenarios.client import DELIVERY, RECOVER, SIO, Recorder
 
-log = logging.getLogger("testpulse.loadtest")
+log = logging.getLogger("testpulse.devtools.loadtest")
 
 PHASES = ("ramp", "main", "drain", "leave", "done")
 TOKEN_TTL_SECONDS = 3600  # beyond the run time
@@ -210,8 +210,8 @@ class Plan:
 def tokens(run_time: Callable[[], float]) -> Callable[[str], str]:
     """Tokens signed the way the cluster verifies them (TESTPULSE_JWT_SECRET etc. from the
     environment), valid for the whole run plus a margin, so a soak never meets auth_expired."""
-    from server.auth import issue_token
-    from server.settings import Settings
+    from testpulse.domain.auth import issue_token
+    from testpulse.settings import Settings
 
     settings = Settings.from_env()
     cache: dict[str, str] = {}

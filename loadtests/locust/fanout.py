@@ -7,14 +7,7 @@ see every seq of its session exactly once.
     testpulse loadtest fanout --users 200 --spawn-rate 50 --run-time 60s          # headless, own cluster
 """
 
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # so that `locust -f` works from any folder
-
-from loadtests.locust import control, users  # noqa: E402
+from testpulse.devtools.scenarios import control, users
 
 control.install(control.Scenario(name="fanout", sessions=2, detectors=2, detections_per_second=20.0, polling_share=0.1))
 

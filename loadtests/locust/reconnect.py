@@ -8,14 +8,7 @@ seq exactly once. Reports time-to-recover (request type `recover`) and replayed 
     testpulse loadtest reconnect --users 200 --spawn-rate 100 --run-time 40s --fault kill-node
 """
 
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # so that `locust -f` works from any folder
-
-from loadtests.locust import control, users  # noqa: E402
+from testpulse.devtools.scenarios import control, users
 
 control.install(
     control.Scenario(

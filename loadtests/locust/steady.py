@@ -6,14 +6,7 @@ few detectors publishing into the watched sessions.
     testpulse loadtest steady --users 300 --spawn-rate 50 --run-time 10m
 """
 
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # so that `locust -f` works from any folder
-
-from loadtests.locust import control, users  # noqa: E402
+from testpulse.devtools.scenarios import control, users
 
 control.install(
     control.Scenario(

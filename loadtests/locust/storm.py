@@ -8,14 +8,7 @@ a trickle of detections during the hold proves every joined client is really liv
     testpulse loadtest storm --users 1000 --spawn-rate 250 --run-time 30s
 """
 
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # so that `locust -f` works from any folder
-
-from loadtests.locust import control, users  # noqa: E402
+from testpulse.devtools.scenarios import control, users
 
 control.install(
     control.Scenario(

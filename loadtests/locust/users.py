@@ -17,8 +17,8 @@ from gevent.event import AsyncResult
 from locust import User, constant, task
 from locust.contrib.socketio import SocketIOUser
 
-from loadtests.locust import control as control_module
-from loadtests.locust.client import (
+from testpulse.devtools.scenarios import control as control_module
+from testpulse.devtools.scenarios.client import (
     ACK_TIMEOUT,
     DELIVERY,
     RECOVER,
@@ -30,8 +30,8 @@ from loadtests.locust.client import (
     Refused,
     TestpulseClient,
 )
-from loadtests.locust.control import Plan, RunConfig
-from loadtests.locust.delivery import SeqTracker
+from testpulse.devtools.scenarios.control import Plan, RunConfig
+from testpulse.devtools.scenarios.delivery import SeqTracker
 
 GOLDEN = 0.6180339887  # spreads consecutive user indexes evenly over [0, 1)
 UPDATE_TIMEOUT = 5.0

@@ -13,7 +13,7 @@ import pytest
 from support.client import Client, detection
 from support.cluster import CONTROL_CHANNEL, SECRET, OpenClient, RunningCluster, redis_client, room_channel
 
-from server.broker import SIGNATURE_BYTES, cluster_key
+from testpulse.bus.broker import SIGNATURE_BYTES, cluster_key
 
 pytestmark = pytest.mark.cluster
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from support.processes import HOST, RedisServer, free_port
 
-from server.redis_clients import RedisClients
-from server.settings import Settings
+from testpulse.bus.clients import RedisClients
+from testpulse.settings import Settings
 
 pytestmark = pytest.mark.cluster
 

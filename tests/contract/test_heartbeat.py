@@ -1,7 +1,7 @@
 """Engine.IO heartbeat and close, on a node with a 1 s PING interval and a 1 s PING timeout.
 
 The node sends PINGs from one task per node and reads WebSockets without a per-packet timer
-(server/transport.py): these tests prove that live clients stay, mute ones go, and that a
+(server/transport/lean.py): these tests prove that live clients stay, mute ones go, and that a
 WebSocket closed by the server ends even when the peer ignores the CLOSE packet."""
 
 from __future__ import annotations

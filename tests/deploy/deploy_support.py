@@ -53,7 +53,7 @@ def exposed_metric_names() -> set[str]:
     suffixes prometheus_client adds, plus the default process_/python_ collectors."""
     from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Summary, generate_latest
 
-    from server import metrics
+    from testpulse import metrics
 
     names: set[str] = set()
     for value in vars(metrics).values():
@@ -146,8 +146,8 @@ def _configmap_hash(data: dict[str, str]) -> str:
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     """A small kustomize for what deploy/k8s uses: resources, namespace, labels (never on selectors,
-    on pod templates when asked), configMapGenerator (literals and files, with a name hash and
-    references rewritten) and images. kubectl's kustomize, where installed, must agree with it."""
+    on pod templates when asked), configMapGenerator (literals and files, labels in its options, with a
+    name hash and references rewritten) and images. kubectl's kustomize, where installed, must agree with it."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     known = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator", "images"}
     unknown = set(kustomization) - known
@@ -165,9 +165,13 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
         for spec in generator.get("files", []):
             key, _, source = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
             data[key] = (directory / source).read_text()
+        options = generator.get("options", {})
+        if set(options) - {"labels"}:
+            raise ValueError(f"the test renderer supports only labels in generator options, not {sorted(options)}")
         name = f"{generator['name']}-{_configmap_hash(data)}"
         renamed[generator["name"]] = name
-        resources.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+        metadata = {"name": name, **({"labels": dict(options["labels"])} if "labels" in options else {})}
+        resources.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
     namespace = kustomization.get("namespace")
     labels: dict[str, str] = {}
     template_labels: dict[str, str] = {}
@@ -302,8 +306,8 @@ def dockerignore_patterns(path: Path = ROOT / ".dockerignore") -> list[str]:
 
 def http_routes() -> set[str]:
     """Paths of the HTTP routes a node serves (GET /health, /ready, /metrics, the API)."""
-    from server.app import create_app
-    from server.settings import Settings
+    from testpulse.app import create_app
+    from testpulse.settings import Settings
 
     # Building the app opens no database; the file is never created.
     app = create_app(Settings.from_env({}, database_url="sqlite+aiosqlite:///unused-by-route-listing.db"))
@@ -312,7 +316,7 @@ def http_routes() -> set[str]:
 
 def serve_port(argv: list[str]) -> int:
     """The port of a `testpulse serve ...` command line, parsed by the real CLI."""
-    from server.cli import parser
+    from testpulse.cli import parser
 
     assert argv[0] == "testpulse", argv
     args = parser().parse_args(argv[1:])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from deploy_support import COMPOSE, DEPLOY, ROOT, dockerfile_instructions, exec_form
 
-from server.settings import Settings
+from testpulse.settings import Settings
 
 pytestmark = pytest.mark.deploy
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from deploy_support import DEPLOY, OPERATIONS, ROOT, load_script
 
-from server.settings import Settings, env_name
+from testpulse.settings import Settings, env_name
 
 pytestmark = pytest.mark.deploy
 
@@ -41,7 +41,7 @@ def test_operations_md_configuration_table_is_exactly_testpulse_config():
     module = sync_docs()
     argv = [str(ROOT / ".venv" / "bin" / "testpulse"), "config"]
     if not (ROOT / ".venv" / "bin" / "testpulse").exists():
-        argv = [sys.executable, "-m", "server", "config"]
+        argv = [sys.executable, "-m", "testpulse", "config"]
     printed = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
     committed = module.committed_table(OPERATIONS.read_text())
     assert committed == printed, "docs/operations.md is stale: run .venv/bin/python deploy/sync_docs.py"

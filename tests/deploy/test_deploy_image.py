@@ -18,7 +18,7 @@ from deploy_support import (
     exec_form,
 )
 
-from server.cli import parser
+from testpulse.cli import parser
 
 pytestmark = pytest.mark.deploy
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from deploy_support import (
     K8S,
+    OPERATIONS,
     PROMETHEUS,
     dockerfile_instructions,
     exec_form,
@@ -22,7 +23,8 @@ from deploy_support import (
     serve_port,
 )
 
-from server.settings import Settings
+from testpulse.cli import parser
+from testpulse.settings import Settings
 
 pytestmark = pytest.mark.deploy
 
@@ -45,6 +47,23 @@ def statefulset(resources) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def node_container(statefulset) -> dict[str, Any]:
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.fixture(scope="module")
+def init_container(statefulset) -> dict[str, Any]:
+    (container,) = statefulset["spec"]["template"]["spec"]["initContainers"]
+    return container
+
+
+@pytest.fixture(scope="module")
+def migrate_job(resources) -> dict[str, Any]:
+    return find(resources, "Job", "testpulse-migrate")
+
+
+@pytest.fixture(scope="module")
+def job_container(migrate_job) -> dict[str, Any]:
+    (container,) = migrate_job["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -79,6 +98,7 @@ def test_kustomization_renders_every_resource_the_cluster_needs(resources):
         ("Service", "testpulse-proxy"),
         ("ConfigMap", "testpulse-node-config"),
         ("ConfigMap", "testpulse-proxy-nginx"),
+        ("Job", "testpulse-migrate"),
     }
     for resource in resources:
         if resource["kind"] != "Namespace":
@@ -226,3 +246,118 @@ def test_prometheus_kubernetes_discovery_keeps_exactly_the_annotated_node_pods(s
     assert re.fullmatch(scrape, template["metadata"]["annotations"]["prometheus.io/scrape"])
     port_name = keeps[("__meta_kubernetes_pod_container_port_name",)]
     assert re.fullmatch(port_name, template["spec"]["containers"][0]["ports"][0]["name"])
+
+
+# ---- the schema: the migrate Job owns it, the nodes wait for it --------------------------------
+
+
+def parsed(argv: list[str]) -> Any:
+    """A `testpulse ...` command line as the real CLI reads it."""
+    assert argv[0] == "testpulse", argv
+    return parser().parse_args(argv[1:])
+
+
+def test_migrate_job_runs_testpulse_migrate_in_the_nodes_image_with_their_config_and_secret(
+    statefulset, node_container, migrate_job, job_container
+):
+    assert job_container["image"] == node_container["image"]
+    assert job_container["imagePullPolicy"] == node_container["imagePullPolicy"]
+    assert job_container["command"] == ["testpulse", "migrate"]
+    args = parsed(job_container["command"])
+    assert (args.command, args.sql, args.check) == ("migrate", False, False)
+    assert job_container["envFrom"] == node_container["envFrom"]
+    node_env = {e["name"]: e for e in node_container.get("env", [])}
+    for variable in job_container.get("env", []):
+        assert node_env.get(variable["name"]) == variable, f"{variable['name']} differs from the nodes'"
+    job_pod, node_pod = migrate_job["spec"]["template"]["spec"], statefulset["spec"]["template"]["spec"]
+    assert job_pod["securityContext"] == node_pod["securityContext"]
+    assert job_container["securityContext"] == node_container["securityContext"]
+    assert {m["mountPath"] for m in job_container["volumeMounts"]} == {"/tmp"}, "a writable /tmp, nothing else"
+    assert job_container["resources"]["requests"] and job_container["resources"]["limits"]["memory"]
+
+
+def test_migrate_job_runs_once_retries_a_few_times_and_cleans_itself_up(resources, migrate_job):
+    spec = migrate_job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never", "each attempt a pod of its own, its log kept"
+    assert 1 <= spec["backoffLimit"] <= 5
+    assert spec.get("completions", 1) == 1 and spec.get("parallelism", 1) == 1
+    assert spec["activeDeadlineSeconds"] > 0
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 7 * 24 * 3600
+    job_pod_labels = spec["template"]["metadata"]["labels"]
+    for kind, name in (("Service", "testpulse-nodes"), ("PodDisruptionBudget", "testpulse-node")):
+        selector = find(resources, kind, name)["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert not selector.items() <= job_pod_labels.items(), f"the {kind} would count the Job's pod as a node"
+
+
+def test_node_pods_wait_for_the_schema_in_the_nodes_image_and_environment(node_container, init_container):
+    assert init_container["image"] == node_container["image"]
+    assert init_container["env"] == node_container["env"]
+    assert init_container["envFrom"] == node_container["envFrom"]
+    assert init_container["securityContext"] == node_container["securityContext"]
+    args = parsed(init_container["command"])
+    assert (args.command, args.check, args.sql) == ("migrate", True, False), "a check, never a migration"
+    assert 0 < args.wait <= 900, "a bounded wait: the kubelet runs it again after its log says why"
+    assert "startupProbe" not in init_container and "readinessProbe" not in init_container
+
+
+def test_nodes_do_not_migrate_by_themselves_when_the_job_owns_the_schema(node_container, node_config):
+    assert node_config["TESTPULSE_MIGRATE_ON_START"] == "false", "explicit, not the production default"
+    (secret,) = load_yaml_documents(K8S / "secret.example.yaml")
+    settings = Settings.from_env({**node_config, **secret["stringData"]})
+    assert not settings.migrates_on_start
+    assert parsed(node_container["command"]).command == "serve"
+
+
+def test_the_migrate_step_label_selects_exactly_the_job_and_the_config_it_reads(resources, migrate_job):
+    def key(resource: dict[str, Any]) -> tuple[str, str]:
+        return resource["kind"], re.sub(r"-[a-z0-9]{10}$", "", resource["metadata"]["name"])
+
+    step = {key(r) for r in resources if r["metadata"].get("labels", {}).get("testpulse/upgrade-step") == "migrate"}
+    assert step == {("Job", "testpulse-migrate"), ("ConfigMap", "testpulse-node-config")}
+    config_refs = [
+        s["configMapRef"]["name"]
+        for s in migrate_job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        if "configMapRef" in s
+    ]
+    labelled = [r["metadata"]["name"] for r in resources if key(r) == ("ConfigMap", "testpulse-node-config")]
+    assert config_refs == labelled, "the Job reads the ConfigMap the step applies, under its hashed name"
+
+
+def upgrade_commands() -> list[list[str]]:
+    """The kubectl commands of docs/operations.md's "Upgrading with live viewers" code block."""
+    text = OPERATIONS.read_text()
+    section = text.split("## Upgrading with live viewers", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    return [line.split() for line in block.splitlines() if line.startswith("kubectl ")]
+
+
+def test_upgrading_with_live_viewers_migrates_then_rolls_the_resources_the_manifests_define(
+    resources, statefulset, migrate_job, init_container
+):
+    commands = upgrade_commands()
+    namespace = statefulset["metadata"]["namespace"]
+    job, nodes = f"job/{migrate_job['metadata']['name']}", f"statefulset/{statefulset['metadata']['name']}"
+    for command in commands:
+        assert command[1:3] == ["-n", namespace] or command[1:3] == ["apply", "-k"], command
+
+    def index(*words: str) -> int:
+        (found,) = [i for i, c in enumerate(commands) if all(w in c for w in words)]
+        return found
+
+    delete = index("delete", "job", migrate_job["metadata"]["name"])
+    assert "--ignore-not-found" in commands[delete]
+    migrate = index("apply", "-l")
+    label = commands[migrate][commands[migrate].index("-l") + 1]
+    name, _, value = label.partition("=")
+    assert migrate_job["metadata"]["labels"][name] == value
+    assert commands[migrate][commands[migrate].index("-k") + 1] == "deploy/k8s"
+    waited = index("wait", job)
+    assert "--for=condition=complete" in commands[waited]
+    roll = next(i for i, c in enumerate(commands) if c[1:4] == ["apply", "-k", "deploy/k8s"] and "-l" not in c)
+    rolled = index("rollout", "status", nodes, "--timeout=30m")
+    assert delete < migrate < waited < roll < rolled, "migrate, wait for it, then roll"
+    assert find(resources, "PodDisruptionBudget", "testpulse-node")["metadata"]["name"] in commands[index("get", "pdb")]
+    text = OPERATIONS.read_text()
+    assert f"-c {init_container['name']}" in text
+    assert " ".join(init_container["command"]) in text, "the doc quotes the initContainer's command"

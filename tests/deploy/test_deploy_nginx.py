@@ -12,7 +12,7 @@ import pytest
 import yaml
 from deploy_support import COMPOSE, DEPLOY, K8S, NGINX_CONF, load_script
 
-from server.app import sid_tag
+from testpulse.app import sid_tag
 
 pytestmark = pytest.mark.deploy
 

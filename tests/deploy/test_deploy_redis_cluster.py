@@ -14,8 +14,8 @@ import yaml
 from deploy_support import DEPLOY
 from test_deploy_compose import env_file, interpolate
 
-from server.settings import Settings
-from server.urls import parse_cluster_url
+from testpulse.settings import Settings
+from testpulse.urls import parse_cluster_url
 
 pytestmark = pytest.mark.deploy
 

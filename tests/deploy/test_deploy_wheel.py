@@ -97,15 +97,22 @@ def outside_env(installed: Path, home: Path) -> dict[str, str]:
     }
 
 
+def top_level_packages(installed: Path) -> list[str]:
+    """The import names the wheel put into site-packages, from its RECORD (a dist-info is not one)."""
+    (record,) = installed.parent.glob("lib/python*/site-packages/testpulse-*.dist-info/RECORD")
+    tops = {line.split("/", 1)[0] for line in record.read_text().splitlines() if "/" in line.split(",", 1)[0]}
+    return sorted(top for top in tops if not top.endswith((".dist-info", ".data")) and top != "..")
+
+
 def empty_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "empty"
     folder.mkdir()
     return folder
 
 
-def test_wheel_installs_the_server_package_and_the_testpulse_script(installed: Path, tmp_path: Path):
+def test_wheel_installs_the_testpulse_package_and_the_testpulse_script(installed: Path, tmp_path: Path):
     where = subprocess.run(
-        [str(installed / "python"), "-c", "import server, sys; print(server.__file__)"],
+        [str(installed / "python"), "-c", "import testpulse, sys; print(testpulse.__file__)"],
         cwd=tmp_path,
         env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
         capture_output=True,
@@ -115,6 +122,7 @@ def test_wheel_installs_the_server_package_and_the_testpulse_script(installed: P
     ).stdout.strip()
     assert Path(where).is_relative_to(installed.parent), f"imported the source tree: {where}"
     assert (installed / "testpulse").exists()
+    assert top_level_packages(installed) == ["testpulse"]
     check = subprocess.run(
         [*PIP, "--python", str(installed / "python"), "check"], capture_output=True, text=True, timeout=60
     )
@@ -129,12 +137,34 @@ def test_installed_wheel_migrates_from_its_own_revisions(installed: Path, tmp_pa
         [str(installed / "testpulse"), "migrate"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
     assert migrate.returncode == 0, migrate.stdout + migrate.stderr
-    newest = max(p.name[:4] for p in (ROOT / "server" / "migrations" / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+    newest = max(
+        p.name[:4] for p in (ROOT / "server" / "store" / "migrations" / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    )
     assert f"revision {newest} (this build's newest)" in migrate.stdout, migrate.stdout
     sql = subprocess.run(
         [str(installed / "testpulse"), "migrate", "--sql"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert "ALTER TABLE detections ADD COLUMN id" in sql.stdout, sql.stderr
+
+
+def test_installed_wheel_checks_the_schema_as_the_node_pods_do(installed: Path, tmp_path: Path):
+    """`testpulse migrate --check`, the node pods' initContainer command, from the installed wheel:
+    exit 1 before `testpulse migrate`, 0 after, on this build's newest revision."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    env["TESTPULSE_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'checked.db'}"
+
+    def testpulse(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(installed / "testpulse"), *args]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    before = testpulse("migrate", "--check")
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert "run `testpulse migrate`" in before.stderr, before.stderr
+    assert not (tmp_path / "checked.db").exists(), "the check created the database"
+    assert testpulse("migrate").returncode == 0
+    after = testpulse("migrate", "--check", "--wait", "30")
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "this build's newest" in after.stdout, after.stdout
 
 
 @pytest.mark.timeout(90)
@@ -245,7 +275,7 @@ def test_wheel_ships_the_page_exactly_as_committed(installed: Path, tmp_path: Pa
         [
             str(installed / "python"),
             "-c",
-            "import server, pathlib; print(pathlib.Path(server.__file__).parent / 'web')",
+            "import testpulse, pathlib; print(pathlib.Path(testpulse.__file__).parent / 'web')",
         ],
         cwd=tmp_path,
         capture_output=True,

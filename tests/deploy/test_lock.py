@@ -42,7 +42,7 @@ def test_export_matches_uv_lock(name: str):
     assert export.returncode == 0, export.stderr
     committed = (ROOT / name).read_text()
     assert without_header(committed) == without_header(export.stdout), (
-        f"{name} does not match uv.lock: re-export it (README: Dependencies and the lock)"
+        f"{name} does not match uv.lock: re-export it (docs/development.md)"
     )
     assert "--hash=sha256:" in committed
 

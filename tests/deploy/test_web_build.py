@@ -18,7 +18,7 @@ from deploy_support import ROOT
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from server.page import Page
+from testpulse.http.page import Page
 
 pytestmark = pytest.mark.deploy
 

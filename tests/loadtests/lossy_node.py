@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import server.app  # noqa: E402
-from server import cli  # noqa: E402
-from server.settings import Settings  # noqa: E402
-from server.wsprotocol import SEND_BATCH  # noqa: E402
+import testpulse.app  # noqa: E402
+from testpulse import cli  # noqa: E402
+from testpulse.settings import Settings  # noqa: E402
+from testpulse.transport.wsprotocol import SEND_BATCH  # noqa: E402
 
 DROP_EVERY = 10
 DETECTION_FRAME = '42["detection_event"'
@@ -55,12 +55,12 @@ def lossy(app: Any, every: int = DROP_EVERY) -> Any:
 
 
 def main() -> int:
-    real = server.app.create_app
+    real = testpulse.app.create_app
 
     def create_lossy_app(settings: Settings) -> Any:
         return lossy(real(settings))
 
-    server.app.create_app = create_lossy_app  # cmd_serve imports it when it runs
+    testpulse.app.create_app = create_lossy_app  # cmd_serve imports it when it runs
     return cli.main(sys.argv[1:])
 
 

@@ -14,10 +14,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Neither module imports Locust (which would monkey-patch this test process with gevent).
-from loadtests.locust import slo  # noqa: E402
-from loadtests.locust.delivery import SeqTracker  # noqa: E402
-from server.cli import parser  # noqa: E402
-from server.loadtest import parse_duration  # noqa: E402
+from testpulse.cli import parser  # noqa: E402
+from testpulse.devtools.loadtest import parse_duration  # noqa: E402
+from testpulse.devtools.scenarios import slo  # noqa: E402
+from testpulse.devtools.scenarios.delivery import SeqTracker  # noqa: E402
 
 pytestmark = [pytest.mark.loadtest, pytest.mark.unit]
 
@@ -92,7 +92,7 @@ def test_run_time_takes_locust_durations() -> None:
 
 
 def test_loadtest_command_hands_knobs_and_objectives_to_locust(tmp_path: Path) -> None:
-    from server.loadtest import locust_argv
+    from testpulse.devtools.loadtest import locust_argv
 
     given = "loadtest reconnect --users 30 --run-time 1m --polling-share 0.5 --slo-max-gaps 3"
     args = parser().parse_args([*given.split(), "--slo-connect-p99-ms=off", "--locust-args=--csv-full-history"])

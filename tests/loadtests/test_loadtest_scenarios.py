@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.cluster import Cluster, NodeSpec, free_port
+from testpulse.devtools.cluster import Cluster, NodeSpec, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSSY_NODE = Path(__file__).with_name("lossy_node.py")
@@ -79,7 +79,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def loadtest(scenario: str, results: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
-    argv = [sys.executable, "-m", "server", "loadtest", scenario, "--results", str(results), *SMALL, *CORRECTNESS_ONLY]
+    argv = [
+        sys.executable,
+        "-m",
+        "testpulse",
+        "loadtest",
+        scenario,
+        "--results",
+        str(results),
+        *SMALL,
+        *CORRECTNESS_ONLY,
+    ]
     done = subprocess.run([*argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}

@@ -1,5 +1,6 @@
-"""Schema migrations on real databases: `testpulse migrate` (and `--sql`), the initial revision
-against the schema of the builds before Alembic, and nodes that migrate or refuse at start."""
+"""Schema migrations on real databases: `testpulse migrate` (and `--sql`, and `--check` with and
+without `--wait`), the initial revision against the schema of the builds before Alembic, and nodes
+that migrate or refuse at start."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,8 +26,8 @@ from support.nodes import BASE_ENV
 from support.processes import free_port, run_node
 from support.processes import testpulse_command as command_line
 
-import server.store  # noqa: F401 - the tables on SQLModel.metadata
-from server import schema
+import testpulse.store.tables  # noqa: F401 - the tables on SQLModel.metadata
+from testpulse.store import schema
 
 pytestmark = pytest.mark.migrations
 
@@ -221,6 +223,111 @@ async def test_migrate_sql_prints_the_ddl_without_touching_a_database(url: str, 
     assert not (tmp_path / "never-created.db").exists()
 
 
+# ---- testpulse migrate --check ---------------------------------------------------------------------
+
+
+def sqlite_file_exists(url: str) -> bool:
+    return Path(make_url(url).database or "").exists()
+
+
+def from_the_future(conn: Connection) -> None:
+    schema.upgrade(conn)
+    conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+
+
+@databases
+async def test_migrate_check_fails_until_migrate_has_run_and_changes_nothing(empty_database: str) -> None:
+    code, output = await run_testpulse(empty_database, "migrate", "--check")
+    assert code == 1, output
+    assert "no schema yet" in output and "run `testpulse migrate`" in output, output
+    if dialect(empty_database) == "sqlite":
+        assert not sqlite_file_exists(empty_database), "a check created the SQLite file"
+    else:
+        assert await on(empty_database, lambda c: inspect(c).get_table_names()) == []
+    code, output = await run_testpulse(empty_database, "migrate")
+    assert code == 0, output
+    code, output = await run_testpulse(empty_database, "migrate", "--check")
+    assert code == 0, output
+    assert f"database schema at revision {schema.head_revision()}, this build's newest" in output, output
+
+
+@databases
+async def test_migrate_check_reports_an_older_schema_without_migrating_it(empty_database: str) -> None:
+    await on(empty_database, create_as_before_alembic(empty_database))
+    code, output = await run_testpulse(empty_database, "migrate", "--check")
+    assert code == 1, output
+    assert f"revision {schema.BEFORE_ALEMBIC}, older than this build's {schema.head_revision()}" in output, output
+    assert await on(empty_database, revision) is None, "a check changed the schema"
+
+
+@databases
+async def test_migrate_check_says_a_newer_schema_needs_a_newer_build_and_does_not_wait_for_it(
+    empty_database: str,
+) -> None:
+    await on(empty_database, from_the_future)
+    started = time.monotonic()
+    code, output = await run_testpulse(empty_database, "migrate", "--check", "--wait", "60")
+    assert code == 3, output
+    assert "revision 9999" in output and "upgrade testpulse" in output, output
+    assert time.monotonic() - started < 30, "waited for a schema that waiting cannot fix"
+
+
+@databases
+async def test_migrate_check_wait_returns_once_another_process_has_migrated(empty_database: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESTPULSE_")}
+    env |= {**BASE_ENV, "TESTPULSE_DATABASE_URL": empty_database}
+    waiter = await asyncio.create_subprocess_exec(
+        *command_line(),
+        "migrate",
+        "--check",
+        "--wait",
+        "90",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert waiter.stdout is not None
+    try:
+        first = await asyncio.wait_for(waiter.stdout.readline(), 30)
+        assert b"waiting for the schema" in first and b"no schema yet" in first, first
+        assert waiter.returncode is None, "gave up instead of waiting"
+        code, output = await run_testpulse(empty_database, "migrate")
+        assert code == 0, output
+        rest = await asyncio.wait_for(waiter.stdout.read(), 30)
+        assert await asyncio.wait_for(waiter.wait(), 10) == 0, rest
+        assert f"revision {schema.head_revision()}, this build's newest" in rest.decode(), rest
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            waiter.kill()
+        await waiter.wait()
+
+
+@databases
+async def test_migrate_check_wait_gives_up_after_its_bound_and_says_why(empty_database: str) -> None:
+    started = time.monotonic()
+    code, output = await run_testpulse(empty_database, "migrate", "--check", "--wait", "3")
+    elapsed = time.monotonic() - started
+    assert code == 1, output
+    assert "gave up after 3 s: the database has no schema yet" in output, output
+    assert elapsed >= 3, f"gave up after {elapsed:.1f} s, before its bound"
+
+
+async def test_migrate_check_of_a_database_that_does_not_answer_exits_4() -> None:
+    code, output = await run_testpulse(
+        "postgresql+asyncpg://nobody@127.0.0.1:1/none", "migrate", "--check", "--wait", "1"
+    )
+    assert code == 4, output
+    assert "gave up after 1 s: could not read the schema" in output, output
+    assert "Connect call failed" in output or "Connection refused" in output, "the driver's reason is logged"
+
+
+async def test_migrate_wait_without_check_is_a_usage_error(tmp_path: Path) -> None:
+    code, output = await run_testpulse(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", "migrate", "--wait", "5")
+    assert code == 2 and "--wait needs --check" in output, output
+    assert not (tmp_path / "x.db").exists()
+
+
 # ---- nodes at start ------------------------------------------------------------------------------
 
 
@@ -266,10 +373,6 @@ async def test_a_development_node_migrates_an_older_schema_for_you(empty_databas
 
 @databases
 async def test_a_node_refuses_a_schema_newer_than_its_own(empty_database: str) -> None:
-    def from_the_future(conn: Connection) -> None:
-        schema.upgrade(conn)
-        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-
     await on(empty_database, from_the_future)
     code, output = await node_exit(empty_database)
     assert code != 0
@@ -277,9 +380,9 @@ async def test_a_node_refuses_a_schema_newer_than_its_own(empty_database: str) -
 
 
 def test_only_development_migrates_by_default() -> None:
-    from server.settings import Settings
+    from testpulse.settings import Settings
 
     url = {"TESTPULSE_DATABASE_URL": "sqlite+aiosqlite:///x.db"}
     assert Settings.from_env(url).migrates_on_start
     assert not Settings.from_env({**url, "TESTPULSE_MIGRATE_ON_START": "false"}).migrates_on_start
-    assert sys.modules["server.schema"] is schema
+    assert sys.modules["testpulse.store.schema"] is schema

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import socketio
 
-from server.auth import issue_token
-from server.cluster import Cluster, free_port
-from server.settings import Settings
+from testpulse.devtools.cluster import Cluster, free_port
+from testpulse.domain.auth import issue_token
+from testpulse.settings import Settings
 
 pytestmark = pytest.mark.observability
 

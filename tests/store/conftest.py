@@ -11,10 +11,12 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from server.protocol import DetectionIn
-from server.sessions import Session, Status, utcnow
-from server.store import Database, SqlStore
-from server.store_sqlite import SqliteDatabase
+from testpulse.domain.protocol import DetectionIn
+from testpulse.domain.sessions import Session, Status, utcnow
+from testpulse.store.auto import open_database
+from testpulse.store.database import Database
+from testpulse.store.repository import SqlStore
+from testpulse.store.sqlite import SqliteDatabase
 
 DATABASES = [
     pytest.param("sqlite", id="sqlite"),
@@ -45,7 +47,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres: Any) -
         admin = await asyncpg.connect(asyncpg_dsn(str(server_url.render_as_string(hide_password=False))))
         await admin.execute(f"CREATE DATABASE {drop}")
         url = server_url.set(database=drop).render_as_string(hide_password=False)
-    db = EngineAppendSqlite(url) if request.param == "sqlite-engine" else Database(url)
+    db = EngineAppendSqlite(url) if request.param == "sqlite-engine" else open_database(url)
     try:
         await db.migrate(automatic=True)
         yield SqlStore(db)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.protocol import DetectionIn, ErrorCode, ProtocolError
-from server.sessions import Status
-from server.store import SqlStore
+from testpulse.domain.protocol import DetectionIn, ErrorCode, ProtocolError
+from testpulse.domain.sessions import Status
+from testpulse.store.repository import SqlStore
 
 from .conftest import session_with
 

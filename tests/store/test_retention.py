@@ -1,4 +1,4 @@
-"""Retention (server/retention.py) on real SQLite and PostgreSQL: what a step may delete, and how much."""
+"""Retention (server/store/retention.py) on real SQLite and PostgreSQL: what a step may delete, and how much."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from server.protocol import DetectionIn
-from server.retention import Retention
-from server.sessions import Status, utcnow
-from server.store import SqlStore
-from server.store_postgres import PRUNE_LOCK
+from testpulse.domain.protocol import DetectionIn
+from testpulse.domain.sessions import Status, utcnow
+from testpulse.store.postgres import PRUNE_LOCK
+from testpulse.store.repository import SqlStore
+from testpulse.store.retention import Retention
 
 from .conftest import asyncpg_dsn, session_with
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
-from server.protocol import DetectionIn, ProtocolError
-from server.sessions import Session, Status, utcnow
-from server.store import Database, SqlStore
-from server.store_sqlite import SqliteDatabase
+from testpulse.domain.protocol import DetectionIn, ProtocolError
+from testpulse.domain.sessions import Session, Status, utcnow
+from testpulse.store.auto import open_database
+from testpulse.store.database import Database
+from testpulse.store.repository import SqlStore
+from testpulse.store.sqlite import SqliteDatabase
 
 from .conftest import EngineAppendSqlite
 
@@ -60,7 +62,7 @@ def _rows(path: Path) -> list[tuple[Any, ...]]:
 async def test_the_sqlite3_append_stores_what_the_engine_append_stores(tmp_path: Path) -> None:
     straight, engine = tmp_path / "straight.db", tmp_path / "engine.db"
 
-    got = await _store_in(Database(f"sqlite+aiosqlite:///{straight}"))
+    got = await _store_in(open_database(f"sqlite+aiosqlite:///{straight}"))
     expected = await _store_in(EngineAppendSqlite(f"sqlite+aiosqlite:///{engine}"))
 
     assert SqliteDatabase.append_many is not Database.append_many  # the sqlite3 path is the one compared

@@ -26,10 +26,10 @@ import pytest
 import socketio
 from redis import asyncio as aioredis
 
-from server.auth import issue_token
-from server.settings import Settings
 from support.client import TRANSPORTS, Client, detection, wait_on
 from support.processes import ROOT, Process, free_port, spawn, testpulse_command, until_ready, wait_until
+from testpulse.domain.auth import issue_token
+from testpulse.settings import Settings
 
 SECRET = "testpulse-cluster-tests-secret-0123456789-abcdef"
 

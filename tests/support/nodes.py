@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.auth import issue_token
-from server.settings import Settings
 from support.client import Client
 from support.processes import RunningNode, run_node
+from testpulse.domain.auth import issue_token
+from testpulse.settings import Settings
 
 TEST_SECRET = "testpulse-test-secret-" + "0123456789abcdef" * 3  # >= 64 bytes, so HS512 tokens are fine
 AUDIENCE = "testpulse-tests"

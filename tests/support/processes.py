@@ -300,7 +300,7 @@ async def throwaway_postgres(database: str = "testpulse") -> AsyncIterator[str]:
 
 def testpulse_command() -> list[str]:
     script = Path(sys.executable).parent / "testpulse"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "testpulse"]
 
 
 @dataclass

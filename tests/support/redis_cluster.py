@@ -1,4 +1,4 @@
-"""A real Redis Cluster on loopback (server/redis_cluster.py: 3 masters, 3 replicas) under a
+"""A real Redis Cluster on loopback (server/devtools/redis_cluster.py: 3 masters, 3 replicas) under a
 running testpulse cluster, and what the tests ask of it, off the event loop."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 from redis import asyncio as aioredis
 from redis.crc import key_slot
 
-from server.redis_cluster import HOST, RedisClusterServers
 from support.cluster import CONTROL_CHANNEL, room_channel
 from support.processes import wait_until
+from testpulse.devtools.redis_cluster import HOST, RedisClusterServers
 
 __all__ = ["CONTROL_CHANNEL", "RedisClusterServers", "room_channel"]
 

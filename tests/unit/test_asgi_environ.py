@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.transport import asgi_environ
+from testpulse.transport.lean import asgi_environ
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ from typing import Any
 import jwt
 import pytest
 
-from server.auth import Action, AuthError, Principal, Role, TokenVerifier, issue_token, parse_ttl
-from server.protocol import ErrorCode, ProtocolError
-from server.settings import Settings
+from testpulse.domain.auth import Action, AuthError, Principal, Role, TokenVerifier, issue_token, parse_ttl
+from testpulse.domain.protocol import ErrorCode, ProtocolError
+from testpulse.settings import Settings
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.broker import ClusterManager
+from testpulse.bus.broker import ClusterManager
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cluster import NGINX_CONF, PROMETHEUS_DIR
+from testpulse.devtools.cluster import NGINX_CONF, PROMETHEUS_DIR
 
 pytestmark = pytest.mark.unit
 

@@ -12,10 +12,10 @@ import pytest
 import socketio
 from support.processes import wait_until
 
-from server import delivery
-from server.delivery import STORE_READS_MAX, Feeds
-from server.protocol import ErrorCode, ProtocolError
-from server.sessions import DetectionIn, Session, Status, StoredDetection
+from testpulse.domain.protocol import ErrorCode, ProtocolError
+from testpulse.domain.sessions import DetectionIn, Session, Status, StoredDetection
+from testpulse.realtime import feeds as feeds_module
+from testpulse.realtime.feeds import STORE_READS_MAX, Feeds
 
 pytestmark = pytest.mark.unit
 
@@ -103,12 +103,12 @@ async def test_a_failing_store_is_retried_with_growing_delays(monkeypatch: pytes
         delays.append(seconds)
         await real_sleep(0)
 
-    monkeypatch.setattr(delivery.asyncio, "sleep", recorded_sleep)
+    monkeypatch.setattr(feeds_module.asyncio, "sleep", recorded_sleep)
     log = GatedLog()
     log.gate.set()
     log.failures_left = 5
     feeds = feeds_over(log, count=1)
     feeds.resync()
     await wait_for(lambda: len(log.reads) == 6)
-    backoff = [d for d in delays if d >= delivery.RETRY_SECONDS_MIN]
-    assert backoff == [0.5, 1.0, 2.0, 4.0, delivery.RETRY_SECONDS_MAX], delays
+    backoff = [d for d in delays if d >= feeds_module.RETRY_SECONDS_MIN]
+    assert backoff == [0.5, 1.0, 2.0, 4.0, feeds_module.RETRY_SECONDS_MAX], delays

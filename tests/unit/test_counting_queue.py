@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from server.engine import POLL_PACKETS_MAX, CountingQueue
+from testpulse.transport.queue import POLL_PACKETS_MAX
+from testpulse.transport.stock import CountingQueue
 
 pytestmark = pytest.mark.unit
 

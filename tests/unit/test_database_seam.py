@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
-from server.store import Database
-from server.store_postgres import PostgresDatabase
-from server.store_sqlite import SqliteDatabase
+from testpulse.settings import Settings
+from testpulse.store.auto import open_database
+from testpulse.store.postgres import PostgresDatabase
+from testpulse.store.sqlite import SqliteDatabase
 
 pytestmark = pytest.mark.unit
 
 
 async def test_a_sqlite_url_in_any_accepted_form_opens_the_sqlite_implementation(tmp_path: Path) -> None:
     settings = Settings.from_env({"TESTPULSE_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
-    db = Database(settings.database_url)
+    db = open_database(settings.database_url)
     try:
         assert type(db) is SqliteDatabase and db.is_sqlite
         await db.ping()
@@ -26,7 +26,7 @@ async def test_a_sqlite_url_in_any_accepted_form_opens_the_sqlite_implementation
 
 async def test_a_postgres_url_in_any_accepted_form_opens_the_postgres_implementation() -> None:
     # Building the engine does not connect: no server is needed to see which implementation it is.
-    db = Database(Settings.from_env({"TESTPULSE_DATABASE_URL": "postgres://app@db.example/tp"}).database_url)
+    db = open_database(Settings.from_env({"TESTPULSE_DATABASE_URL": "postgres://app@db.example/tp"}).database_url)
     try:
         assert type(db) is PostgresDatabase and not db.is_sqlite
     finally:
@@ -35,4 +35,4 @@ async def test_a_postgres_url_in_any_accepted_form_opens_the_postgres_implementa
 
 def test_a_url_no_implementation_serves_is_refused() -> None:
     with pytest.raises(ValueError, match="mysql"):
-        Database("mysql://app@db.example/tp")
+        open_database("mysql://app@db.example/tp")

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.protocol import DetectionIn, ErrorCode, ProtocolError
-from server.sessions import StoredDetection
-from server.writer import GroupCommitLog
+from testpulse.domain.protocol import DetectionIn, ErrorCode, ProtocolError
+from testpulse.domain.sessions import StoredDetection
+from testpulse.store.writer import GroupCommitLog
 
 pytestmark = pytest.mark.unit
 

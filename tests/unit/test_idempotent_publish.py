@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.broker import detection_from_wire
-from server.protocol import HTTP_STATUS, DetectionIn, ErrorCode, PublishRequest
-from server.sessions import StoredDetection, batch_ack, first_occurrences, publish_ack
+from testpulse.bus.broker import detection_from_wire
+from testpulse.domain.protocol import HTTP_STATUS, DetectionIn, ErrorCode, PublishRequest
+from testpulse.domain.sessions import StoredDetection, batch_ack, first_occurrences, publish_ack
 
 pytestmark = pytest.mark.unit
 

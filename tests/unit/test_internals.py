@@ -1,4 +1,4 @@
-"""The library internals the lean transport rests on (server/internals.py): a canary against the
+"""The library internals the lean transport rests on (server/transport/internals.py): a canary against the
 installed libraries, so that an upgrade that renames or reshapes one fails here, and the probe
 itself on fake modules."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server import engine, internals
-from server.internals import Need
+from testpulse.transport import auto, internals
+from testpulse.transport.internals import Need
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +26,19 @@ def test_installed_libraries_have_what_both_transports_use(need: Need) -> None:
     assert internals.missing([need]) == []
 
 
+@pytest.mark.parametrize("need", internals.BROKER, ids=lambda need: need.name)
+def test_installed_libraries_have_what_the_redis_manager_uses(need: Need) -> None:
+    assert internals.missing([need]) == []
+
+
+@pytest.mark.parametrize("need", internals.REDIS_CLUSTER, ids=lambda need: need.name)
+def test_installed_libraries_have_what_redis_cluster_support_uses(need: Need) -> None:
+    assert internals.missing([need]) == []
+
+
 def test_auto_picks_lean_on_the_installed_libraries() -> None:
-    assert engine.lean_missing() == ()
-    assert engine.select("auto") == "lean"
+    assert auto.lean_missing() == ()
+    assert auto.select("auto") == "lean"
 
 
 class Protocol:
@@ -90,22 +100,22 @@ def test_probe_finds_instance_attributes_in_the_class_source_and_keys_in_a_table
 def test_auto_falls_back_to_stock_with_one_warning_naming_what_is_missing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(engine, "lean_missing", lambda: ("uvicorn.x.Protocol: sets no self.disconnected",))
-    with caplog.at_level(logging.WARNING, logger="testpulse.engine"):
-        assert engine.select("auto") == "stock"
-        assert engine.select("lean") == "lean"  # an explicit choice is obeyed, without a warning
+    monkeypatch.setattr(auto, "lean_missing", lambda: ("uvicorn.x.Protocol: sets no self.disconnected",))
+    with caplog.at_level(logging.WARNING, logger="testpulse.transport.auto"):
+        assert auto.select("auto") == "stock"
+        assert auto.select("lean") == "lean"  # an explicit choice is obeyed, without a warning
     assert len(caplog.records) == 1
     assert "uvicorn.x.Protocol: sets no self.disconnected" in caplog.records[0].getMessage()
 
 
 def test_each_transport_has_its_own_engine_server_and_uvicorn_protocol() -> None:
-    from server.transport import LeanEngineServer
-    from server.wsprotocol import LeanWebSocketProtocol
+    from testpulse.transport.lean import LeanEngineServer
+    from testpulse.transport.wsprotocol import LeanWebSocketProtocol
 
-    assert engine.engine_server_class("lean") is LeanEngineServer
-    assert engine.engine_server_class("stock") is engine.TaggedEngineServer
-    assert engine.uvicorn_ws("lean") is LeanWebSocketProtocol
-    assert engine.uvicorn_ws("stock") == "auto"
+    assert auto.engine_server_class("lean") is LeanEngineServer
+    assert auto.engine_server_class("stock") is auto.TaggedEngineServer
+    assert auto.uvicorn_ws("lean") is LeanWebSocketProtocol
+    assert auto.uvicorn_ws("stock") == "auto"
 
 
 @pytest.mark.parametrize("need", internals.REDIS_CLUSTER, ids=lambda need: need.name)

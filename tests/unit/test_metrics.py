@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
 
-from server import metrics
+from testpulse import metrics
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.ordering import EARLY_MAX, Filled, Ordering, Read, check_last_seq
-from server.protocol import ErrorCode, ProtocolError
+from testpulse.domain.ordering import EARLY_MAX, Filled, Ordering, Read, check_last_seq
+from testpulse.domain.protocol import ErrorCode, ProtocolError
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from server import metrics
-from server.broker import ClusterManager
-from server.outbox import Message, Outbox, RepeatFilter
+from testpulse import metrics
+from testpulse.bus.broker import ClusterManager
+from testpulse.bus.outbox import Message, Outbox, RepeatFilter
 
 pytestmark = pytest.mark.unit
 

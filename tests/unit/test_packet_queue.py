@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.transport import PacketQueue
+from testpulse.transport.lean import PacketQueue
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The pure side of presence (server/presence.py): merging nodes, the rounds' diffs, coalescing,
+"""The pure side of presence (server/domain/presence.py): merging nodes, the rounds' diffs, coalescing,
 and what a node writes, fed by hand with an in-memory board and a fake clock."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.presence import Members, Presence, change, merge, view
-from server.protocol import JoinRequest, ProtocolError, RefreshRequest
+from testpulse.domain.presence import Members, Presence, change, merge, view
+from testpulse.domain.protocol import JoinRequest, ProtocolError, RefreshRequest
 
 pytestmark = pytest.mark.unit
 

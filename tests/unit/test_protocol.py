@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.protocol import (
+from testpulse.domain.protocol import (
     BATCH_MAX,
     HTTP_STATUS,
     JSON_OBJECT_MAX_BYTES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.cluster import NGINX_CONF, PROXY_FAIL_TIMEOUT_SECONDS, NodeSpec, render_nginx_conf
+from testpulse.devtools.cluster import NGINX_CONF, PROXY_FAIL_TIMEOUT_SECONDS, NodeSpec, render_nginx_conf
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.ratelimit import KeyedLimiter, TokenBucket
+from testpulse.domain.ratelimit import KeyedLimiter, TokenBucket
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.settings import DEV_JWT_SECRET, Settings, SettingsError
+from testpulse.settings import DEV_JWT_SECRET, Settings, SettingsError
 
 pytestmark = pytest.mark.unit
 

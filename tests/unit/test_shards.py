@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.crc import key_slot
 
-from server.broker import NUMBER_KEY, SENDER_KEY, ClusterManager
-from server.shards import ShardedClusterManager, by_slot
+from testpulse.bus.broker import NUMBER_KEY, SENDER_KEY, ClusterManager
+from testpulse.bus.shards import ShardedClusterManager, by_slot
 
 pytestmark = pytest.mark.unit
 

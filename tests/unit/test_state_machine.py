@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.sessions import ACTIONS, ALLOWED, MOVES, Session, Status, StoredDetection, Transition, Verb
+from testpulse.domain.sessions import ACTIONS, ALLOWED, MOVES, Session, Status, StoredDetection, Transition, Verb
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.status_trail import HISTORY_MAX, StatusTrail, Verdict, replay_for
+from testpulse.domain.status_trail import HISTORY_MAX, StatusTrail, Verdict, replay_for
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.settings import Settings, SettingsError
-from server.urls import (
+from testpulse.settings import Settings, SettingsError
+from testpulse.urls import (
     ClusterTarget,
     SentinelTarget,
     UrlError,

@@ -7,7 +7,7 @@ from engineio import packet
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from server.wiremessage import WireMessage, wire_message
+from testpulse.transport.wiremessage import WireMessage, wire_message
 
 pytestmark = pytest.mark.unit
 

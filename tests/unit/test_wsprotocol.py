@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import uvicorn
 
-from server.wiremessage import WireMessage
-from server.wsprotocol import SEND_BATCH, WRITE_NOW, Gate, LeanWebSocketProtocol
+from testpulse.transport.wiremessage import WireMessage
+from testpulse.transport.wsprotocol import SEND_BATCH, WRITE_NOW, Gate, LeanWebSocketProtocol
 
 pytestmark = pytest.mark.unit
 

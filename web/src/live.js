@@ -268,7 +268,7 @@ export class Live {
     this.changed();
   }
 
-  // A join on the same connection replaces the membership (server/delivery.py): the node replays
+  // A join on the same connection replaces the membership (server/realtime/feeds.py): the node replays
   // from the page's last_seq, so detections in flight meanwhile arrive twice and are expected.
   switchBatching(on) {
     this.batched = on;
