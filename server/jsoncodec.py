@@ -52,8 +52,9 @@ def dumps_bytes(value: Any) -> bytes:
     """`value` as compact JSON, UTF-8."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # orjson.JSONEncodeError: an integer past 64 bits, a non-string key
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # orjson.JSONEncodeError: an integer past 64 bits, a non-string key, a lone surrogate
+        # ensure_ascii, as stdlib json's default: a lone surrogate has no UTF-8 form, only an escape.
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def dumps(value: Any, **_stdlib_options: Any) -> str:

@@ -53,6 +53,7 @@ def test_loads_refuses_what_the_stdlib_refuses() -> None:
         {"huge": 2**70, "negative": -(2**80)},
         {1: "a non-string key"},
         ["detection_event", {"seq": 9007199254740993, "ts": 1733500000123.5}],
+        ["error", {"label": "\ud800"}],  # a lone surrogate a client sent as an escape: orjson refuses it
     ],
 )
 def test_dumps_writes_the_same_json_value_as_the_stdlib(value: Any) -> None:
@@ -85,3 +86,8 @@ def test_a_feed_packet_decodes_as_python_socketios_own_encoding_of_the_event() -
     assert ours.packet_type == 4  # Engine.IO MESSAGE
     assert socketio.packet.Packet(encoded_packet=ours.data).data == socketio.packet.Packet(encoded_packet=stock).data
     assert ours.data[0] == stock[0] == "2"
+
+
+def test_a_lone_surrogate_is_written_as_its_escape_as_the_stdlib_does() -> None:
+    assert jsoncodec.dumps(["\ud800"]) == '["\\ud800"]'
+    assert jsoncodec.loads(jsoncodec.dumps_bytes({"label": "\ud800"})) == {"label": "\ud800"}
