@@ -27,7 +27,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
 
 import socketio
@@ -37,6 +36,7 @@ from testpulse import metrics
 from testpulse.bus.clients import RedisClients
 from testpulse.bus.outbox import Message, Outbox, Publisher, RepeatFilter
 from testpulse.domain.sessions import ROOM_PREFIX, StoredDetection, session_room
+from testpulse.store.tables import detection_from_wire
 from testpulse.transport import internals
 
 log = logging.getLogger("testpulse.bus.broker")
@@ -47,32 +47,6 @@ SIGNATURE_BYTES = 16
 LISTEN_SLICE_BUSY = 0.01  # seconds per pub/sub read while subscriptions are pending
 LISTEN_SLICE_IDLE = 0.05  # otherwise; also the longest a first join into a new room waits to subscribe
 SENDER_KEY, NUMBER_KEY = "from", "n"  # on every outbox message: who sent it, and its number there
-
-
-def detection_from_wire(data: object, session_id: str) -> StoredDetection | None:
-    """A detection from another node, or None when the message is malformed."""
-    if not isinstance(data, dict):
-        return None
-    try:
-        seq, label, confidence, item_id = data["seq"], data["label"], data["confidence"], data.get("id")
-        if not (isinstance(seq, int) and seq >= 1 and isinstance(label, str) and isinstance(confidence, int | float)):
-            return None
-        if item_id is not None and not isinstance(item_id, str):
-            return None
-        return StoredDetection(
-            session_id=session_id,
-            seq=seq,
-            label=label,
-            confidence=float(confidence),
-            bbox=data.get("bbox"),
-            frame=data.get("frame"),
-            ts=data.get("ts"),
-            attributes=data.get("attributes"),
-            received_at=datetime.fromisoformat(str(data["received_at"]).replace("Z", "+00:00")),
-            id=item_id,
-        )
-    except (KeyError, ValueError, TypeError):
-        return None
 
 
 class RedisPublisher:

@@ -28,6 +28,7 @@ from testpulse.domain.protocol import DetectionIn, ProtocolError
 from testpulse.domain.sessions import Session, Status, StoredDetection
 from testpulse.store.database import Database, prune_one_batch
 from testpulse.store.shares import Share, not_running, shares_of
+from testpulse.store.tables import DETECTION_COLUMNS, ITEM_COLUMNS, DetectionColumn, columns_sql, derive, tuple_of
 
 T = TypeVar("T")
 DDL_LOCK = 727274  # the advisory lock every node's DDL takes in turn
@@ -39,15 +40,30 @@ SQLALCHEMY_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_fun
 SESSIONS_BY_ID = (
     "SELECT id, name, status, config, last_seq, created_at, updated_at FROM test_sessions WHERE id = ANY($1::varchar[])"
 )
+# session_id is the first column (StoredDetection's first field): since() has it already.
 DETECTIONS_SINCE = (
-    "SELECT seq, label, confidence, bbox, frame, ts, attributes, received_at, id FROM detections"
+    f"SELECT {columns_sql(columns=DETECTION_COLUMNS[1:])} FROM detections"
     " WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
 # Every session's seq counter moves and its rows go in, in one statement. JSON values travel as
 # text: in a json[] parameter, a list value (a bbox) would be taken for a dimension of the array. Sessions that are not
 # running return no base, so their rows join nothing and are not inserted. Rows carry their
 # position `k` within their session's share of the batch; a row's seq is its session's base + k.
-APPEND = """
+# $1-$3: the sessions, their counts, the running status; then one array per column of the rows
+# (_append_arguments), then the store's now.
+_APPEND_ARRAYS = [("session_id", "varchar"), ("k", "bigint"), *((c.name, c.pg_type) for c in ITEM_COLUMNS)]
+_APPEND_NOW = 4 + len(_APPEND_ARRAYS)
+
+
+def _append_value(c: DetectionColumn) -> str:
+    if c.source == "seq":
+        return "b.base + d.k"
+    if c.source == "clock":
+        return f"${_APPEND_NOW}"
+    return f"d.{c.name}::json" if c.kind == "json" else f"d.{c.name}"
+
+
+APPEND = f"""
 WITH counts AS (
     SELECT * FROM unnest($1::varchar[], $2::bigint[]) AS c(session_id, n)
 ), bumped AS (
@@ -56,12 +72,10 @@ WITH counts AS (
     WHERE s.id = c.session_id AND s.status = $3
     RETURNING s.id, s.last_seq - c.n AS base
 ), stored AS (
-    INSERT INTO detections (session_id, seq, label, confidence, bbox, frame, ts, attributes, id, received_at)
-    SELECT d.session_id, b.base + d.k, d.label, d.confidence, d.bbox::json, d.frame, d.ts::json, d.attributes::json,
-           d.id, $13
-    FROM unnest($4::varchar[], $5::bigint[], $6::varchar[], $7::float8[], $8::text[], $9::bigint[],
-                $10::text[], $11::text[], $12::varchar[])
-         AS d(session_id, k, label, confidence, bbox, frame, ts, attributes, id)
+    INSERT INTO detections ({columns_sql()})
+    SELECT {", ".join(map(_append_value, DETECTION_COLUMNS))}
+    FROM unnest({", ".join(f"${4 + i}::{pg_type}[]" for i, (_, pg_type) in enumerate(_APPEND_ARRAYS))})
+         AS d({", ".join(name for name, _ in _APPEND_ARRAYS)})
     JOIN bumped AS b ON b.id = d.session_id
 )
 SELECT id, base FROM bumped
@@ -70,8 +84,7 @@ SELECT id, base FROM bumped
 LOCK_SESSIONS = "SELECT id FROM test_sessions WHERE id = ANY($1::varchar[]) ORDER BY id FOR UPDATE"
 STATUSES = "SELECT id, status FROM test_sessions WHERE id = ANY($1::varchar[])"
 STORED_WITH_IDS = (
-    "SELECT d.session_id, d.seq, d.label, d.confidence, d.bbox, d.frame, d.ts, d.attributes, d.received_at, d.id"
-    " FROM detections AS d JOIN unnest($1::varchar[], $2::varchar[]) AS k(session_id, id)"
+    f"SELECT {columns_sql('d.')} FROM detections AS d JOIN unnest($1::varchar[], $2::varchar[]) AS k(session_id, id)"
     " ON d.session_id = k.session_id AND d.id = k.id"
 )
 
@@ -160,10 +173,8 @@ class PostgresDatabase(Database):
     async def since(self, session_id: str, after_seq: int, limit: int) -> list[StoredDetection]:
         async with self._guard():
             rows = await (await self._hot()).fetch(DETECTIONS_SINCE, session_id, after_seq, limit)
-        return [
-            StoredDetection(session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id_)
-            for seq, label, confidence, bbox, frame, ts, attributes, received_at, id_ in rows
-        ]
+        # asyncpg decodes every column as the domain holds it (json by _json_codecs, timestamptz aware).
+        return [StoredDetection(session_id, *row) for row in rows]
 
     async def append_many(
         self, requests: Sequence[tuple[str, Sequence[DetectionIn]]], now: datetime
@@ -225,22 +236,30 @@ class PostgresDatabase(Database):
         await self._engine.dispose()
 
 
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+# A share's fresh items as rows of the APPEND arrays after $3: session, position k, the item's columns.
+_append_rows: Callable[[str, list[DetectionIn]], list[tuple[Any, ...]]] = derive(
+    "append_rows",
+    "session_id, items",
+    "["
+    + tuple_of(
+        ["session_id", "k"] + [f"json(item.{c.name})" if c.kind == "json" else f"item.{c.name}" for c in ITEM_COLUMNS]
+    )
+    + " for k, item in enumerate(items, start=1)]",
+    {"json": _json},
+)
+
+
 def _append_arguments(shares: list[Share], now: datetime) -> list[Any]:
     """APPEND's parameters: the seqs each session takes, then one array per column of its fresh items."""
-    columns: list[list[Any]] = [[] for _ in range(9)]
-    session_col, k_col, label_col, confidence_col, bbox_col, frame_col, ts_col, attributes_col, id_col = columns
     taking = [share for share in shares if share.count]
+    rows: list[tuple[Any, ...]] = []
     for share in taking:
-        for k, item in enumerate(share.fresh_items(), start=1):
-            session_col.append(share.session_id)
-            k_col.append(k)
-            label_col.append(item.label)
-            confidence_col.append(item.confidence)
-            bbox_col.append(_json(item.bbox))
-            frame_col.append(item.frame)
-            ts_col.append(_json(item.ts))
-            attributes_col.append(_json(item.attributes))
-            id_col.append(item.id)
+        rows += _append_rows(share.session_id, share.fresh_items())
+    columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in _APPEND_ARRAYS]
     counts = [share.count for share in taking]
     return [[share.session_id for share in taking], counts, Status.RUNNING.value, *columns, now]
 
@@ -250,15 +269,10 @@ async def _stored_with_ids(conn: asyncpg.Connection, shares: list[Share]) -> dic
     pairs = [(share.session_id, item_id) for share in shares for item_id in share.ids]
     rows = await conn.fetch(STORED_WITH_IDS, [p[0] for p in pairs], [p[1] for p in pairs])
     found: dict[str, dict[str, StoredDetection]] = {}
-    for session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id_ in rows:
-        found.setdefault(session_id, {})[id_] = StoredDetection(
-            session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id_
-        )
+    for stored in (StoredDetection(*row) for row in rows):
+        if stored.id is not None:
+            found.setdefault(stored.session_id, {})[stored.id] = stored
     return found
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
 
 
 async def _json_codecs(conn: asyncpg.Connection) -> None:

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from testpulse.domain.protocol import DetectionIn, ErrorCode, ProtocolError
 from testpulse.domain.sessions import StoredDetection, first_occurrences
+from testpulse.store.tables import detection_from_item
 
 
 @dataclass(slots=True)
@@ -66,18 +67,7 @@ class Share:
                 answered.append(dataclasses.replace(by_id[item.id], duplicate=True))
                 continue
             seq += 1
-            stored = StoredDetection(
-                self.session_id,
-                seq,
-                item.label,
-                item.confidence,
-                item.bbox,
-                item.frame,
-                item.ts,
-                item.attributes,
-                now,
-                item.id,
-            )
+            stored = detection_from_item(self.session_id, seq, item, now)
             if item.id is not None:
                 by_id[item.id] = stored
             answered.append(stored)

@@ -20,6 +20,7 @@ from testpulse.domain.protocol import DetectionIn, ProtocolError
 from testpulse.domain.sessions import Session, Status, StoredDetection
 from testpulse.store.database import SESSION_READ_BATCH, Database
 from testpulse.store.shares import not_running, shares_of
+from testpulse.store.tables import DETECTION_COLUMNS, DetectionColumn, columns_sql, derive, detection_of, tuple_of
 
 T = TypeVar("T")
 READERS = 2  # reader threads (and connections) per node; WAL readers do not block the writer
@@ -173,14 +174,8 @@ def _sessions_by_id(raw: sqlite3.Connection, ids: list[str]) -> list[Session]:
 # IMMEDIATE already holds the write lock that the engine path's SELECT ... FOR UPDATE stands for.
 TAKE_SEQS_SQL = "UPDATE test_sessions SET last_seq = last_seq + ? WHERE id = ? AND status = ? RETURNING last_seq"
 STATUS_SQL = "SELECT status FROM test_sessions WHERE id = ?"
-STORED_WITH_IDS_SQL = (
-    "SELECT seq, label, confidence, bbox, frame, ts, attributes, received_at, id FROM detections"
-    " WHERE session_id = ? AND id IN ({marks})"
-)
-INSERT_DETECTION_SQL = (
-    "INSERT INTO detections (session_id, seq, label, confidence, bbox, frame, ts, attributes, received_at, id)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+STORED_WITH_IDS_SQL = f"SELECT {columns_sql()} FROM detections WHERE session_id = ? AND id IN ({{marks}})"
+INSERT_DETECTION_SQL = f"INSERT INTO detections ({columns_sql()}) VALUES ({', '.join('?' * len(DETECTION_COLUMNS))})"
 
 
 def _append_raw(
@@ -188,7 +183,6 @@ def _append_raw(
 ) -> list[list[StoredDetection] | ProtocolError]:
     outcomes: list[list[StoredDetection] | ProtocolError] = [[] for _ in requests]
     stamp = _sqlite_time(now)
-    dumps = json.dumps
     rows: list[tuple[Any, ...]] = []
     for share in shares_of(requests):
         ids = share.ids
@@ -200,21 +194,7 @@ def _append_raw(
             bumped = raw.execute(TAKE_SEQS_SQL, (count, share.session_id, Status.RUNNING.value)).fetchall()
             base = bumped[0][0] - count if bumped else None
         refusal = functools.partial(_why_not_running, raw, share.session_id)
-        rows += [
-            (
-                d.session_id,
-                d.seq,
-                d.label,
-                d.confidence,
-                dumps(d.bbox),
-                d.frame,
-                dumps(d.ts),
-                dumps(d.attributes),
-                stamp,
-                d.id,
-            )
-            for d in share.settle(requests, base, refusal, now, outcomes)
-        ]
+        rows += _insert_rows(share.settle(requests, base, refusal, now, outcomes), stamp)
     if rows:
         raw.executemany(INSERT_DETECTION_SQL, rows)
     return outcomes
@@ -225,19 +205,7 @@ def _stored_with_ids(raw: sqlite3.Connection, session_id: str, ids: list[str]) -
     for start in range(0, len(ids), SESSION_READ_BATCH):
         chunk = ids[start : start + SESSION_READ_BATCH]
         cursor = raw.execute(STORED_WITH_IDS_SQL.format(marks=",".join("?" * len(chunk))), [session_id, *chunk])
-        for seq, label, confidence, bbox, frame, ts, attributes, received_at, item_id in cursor.fetchall():
-            found[item_id] = StoredDetection(
-                session_id,
-                seq,
-                label,
-                confidence,
-                _json_value(bbox),
-                frame,
-                _json_value(ts),
-                _json_value(attributes),
-                datetime.fromisoformat(received_at).replace(tzinfo=UTC),
-                item_id,
-            )
+        found.update((d.id, d) for d in map(_detection_from_sqlite, cursor.fetchall()) if d.id is not None)
     return found
 
 
@@ -251,9 +219,37 @@ def _json_value(stored: Any) -> Any:
     return json.loads(stored) if isinstance(stored, str) else stored
 
 
+def _sqlite_moment(stored: str) -> datetime:
+    return datetime.fromisoformat(stored).replace(tzinfo=UTC)
+
+
 def _sqlite_time(moment: datetime) -> str:
     """What SQLAlchemy's SQLite DateTime stores: UTC, no zone, always six digits of microseconds."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _stored_sql(c: DetectionColumn, value: str) -> str:
+    return f"dumps({value})" if c.kind == "json" else "stamp" if c.kind == "moment" else value
+
+
+def _read_sql(c: DetectionColumn, value: str) -> str:
+    return f"json_value({value})" if c.kind == "json" else f"sqlite_moment({value})" if c.kind == "moment" else value
+
+
+# The rows of INSERT_DETECTION_SQL for stored detections, all stamped `stamp`, and a row of
+# STORED_WITH_IDS_SQL as the stored detection.
+_insert_rows: Callable[[list[StoredDetection], str], list[tuple[Any, ...]]] = derive(
+    "insert_rows",
+    "stored, stamp",
+    f"[{tuple_of(_stored_sql(c, f'd.{c.name}') for c in DETECTION_COLUMNS)} for d in stored]",
+    {"dumps": json.dumps},
+)
+_detection_from_sqlite: Callable[[tuple[Any, ...]], StoredDetection] = derive(
+    "detection_from_sqlite",
+    "row",
+    detection_of(_read_sql(c, f"row[{i}]") for i, c in enumerate(DETECTION_COLUMNS)),
+    {"json_value": _json_value, "sqlite_moment": _sqlite_moment},
+)
 
 
 class SqliteReaders:
