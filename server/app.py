@@ -17,7 +17,6 @@ from starlette.applications import Starlette
 from testpulse import __version__, gctune, jsoncodec, metrics
 from testpulse.bus.broker import ClusterManager, cluster_key
 from testpulse.bus.presence import RedisBoard
-from testpulse.bus.shards import ShardedClusterManager
 from testpulse.domain import disconnects
 from testpulse.domain.auth import TokenVerifier
 from testpulse.domain.presence import LocalBoard, Presence, PresenceBoard
@@ -33,7 +32,6 @@ from testpulse.store.repository import SqlStore
 from testpulse.store.retention import Retention
 from testpulse.store.writer import GroupCommitLog
 from testpulse.transport import auto
-from testpulse.urls import is_cluster_url
 
 log = logging.getLogger("testpulse.app")
 
@@ -56,11 +54,7 @@ class Node:
         self.log = GroupCommitLog(self.store, batch_max=settings.write_batch_max, queue_max=settings.write_queue_max)
         origins: str | list[str] = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
         self.cluster = (
-            (ShardedClusterManager if is_cluster_url(settings.redis_url) else ClusterManager)(
-                settings.redis_url, key=cluster_key(settings.jwt_secret)
-            )
-            if settings.redis_url
-            else None
+            ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
         )
         self.transport = auto.select(settings.transport)
         self.sio = server_class(self.transport)(

@@ -89,7 +89,7 @@ REDIS_CHANNELS = Gauge(
     "Session channels this node needs (wanted) and has confirmed on its current Redis subscription (confirmed).",
     ["state"],
 )
-# Redis Cluster only (server/bus/shards.py): one series per master this node holds a pub/sub
+# Redis Cluster only (server/bus/cluster.py): one series per master this node holds a pub/sub
 # connection to, named host:port (bounded by the masters' count), so that a deaf shard shows.
 REDIS_SHARD_CHANNELS = Gauge(
     "testpulse_redis_shard_channels",

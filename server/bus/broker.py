@@ -9,9 +9,11 @@ plumbing:
   to a room's channel only while one of its clients is in the room;
 - an outbox: publishing never blocks a handler; messages wait (bounded) while Redis is away and go
   out in order when it returns;
-- a listener that reconnects with bounded, jittered backoff and a self-probe that notices a
-  subscription that stopped receiving; after every (re)subscription the feeds catch up from the
-  store, so detections acknowledged while Redis was away still reach every viewer;
+- listening through a Topology strategy (topology.py: single.py, sentinel.py, cluster.py over
+  link.py's shared subscription set and pub/sub link): links reconnect with bounded, jittered
+  backoff, a self-probe notices a subscription that stopped receiving, and after every
+  (re)subscription the feeds catch up from the store, so detections acknowledged while Redis was
+  away still reach every viewer;
 - signed messages: each carries an HMAC of the cluster key, and anything else on the channels is
   ignored.
 """
@@ -19,33 +21,34 @@ plumbing:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
-import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import socketio
-from redis import asyncio as aioredis
 
 from testpulse import metrics
 from testpulse.bus.clients import RedisClients
+from testpulse.bus.cluster import RedisClusterShards
+from testpulse.bus.link import Subscriptions
 from testpulse.bus.outbox import Message, Outbox, Publisher, RepeatFilter
+from testpulse.bus.sentinel import SentinelRedis
+from testpulse.bus.single import SingleRedis
+from testpulse.bus.topology import Topology, Wiring
 from testpulse.domain.sessions import ROOM_PREFIX, StoredDetection, session_room
 from testpulse.store.tables import detection_from_wire
 from testpulse.transport import internals
+
+__all__ = ["ClusterManager", "RedisPublisher", "cluster_key", "detection_from_wire"]
 
 log = logging.getLogger("testpulse.bus.broker")
 _CHANNELS_WANTED = metrics.REDIS_CHANNELS.labels("wanted")
 _CHANNELS_CONFIRMED = metrics.REDIS_CHANNELS.labels("confirmed")
 
 SIGNATURE_BYTES = 16
-LISTEN_SLICE_BUSY = 0.01  # seconds per pub/sub read while subscriptions are pending
-LISTEN_SLICE_IDLE = 0.05  # otherwise; also the longest a first join into a new room waits to subscribe
 SENDER_KEY, NUMBER_KEY = "from", "n"  # on every outbox message: who sent it, and its number there
 
 
@@ -91,24 +94,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._prefix = prefix
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
-        self._backoff_max = backoff_max
         self._connect_timeout = connect_timeout
-        self._probe_channel = f"{prefix}:probe:{self.host_id}"
-        self._wanted: set[str] = set()  # room channels this node's clients need
-        self._subscribed: set[str] = set()  # channels Redis confirmed on the current connection
-        self._requested: set[str] = set()  # asked for on the current connection, not yet confirmed
-        self._dirty = False  # _wanted or _waiters changed since the last reconcile
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._last_probe = time.monotonic()
-        self._link_up = False
-        self._catch_up_pending = False
+        self._subscriptions = Subscriptions(self.channel)
         self._tasks: list[asyncio.Task[None]] = []
-        self._pubsub: Any = None
-        self._pubsub_client: aioredis.Redis | None = None
-        self._master_moved = False  # Sentinel named a new master: resubscribe there
         self.on_detections: Callable[[str, list[StoredDetection]], None] = lambda _s, _d: None
         self.on_status: Callable[[dict[str, Any]], None] = lambda _u: None
-        self.on_resubscribed: Callable[[], None] = lambda: None
         self.on_presence: Callable[[str], None] = lambda _s: None
         # Our own clients, not python-socketio's: built for any accepted URL, Sentinel's included.
         self._clients = RedisClients(
@@ -119,27 +109,56 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             health_check_interval=10,
             retry_on_timeout=False,
         )
-        self.redis = self._client()
+        self.redis = self._clients.new()
+        self._wiring = Wiring(
+            clients=self._clients,
+            redis=self.redis,
+            subscriptions=self._subscriptions,
+            dispatch=self._dispatch,
+            sign=self._sign,
+            probe_prefix=f"{prefix}:probe:{self.host_id}",
+            connect_timeout=connect_timeout,
+            probe_timeout=probe_timeout,
+            backoff_max=backoff_max,
+        )
+        self._topology = self._topology_for(self._wiring)
         self._sent = 0  # the number of this node's last outbox message
-        self._repeats = RepeatFilter()
+        self._repeats = RepeatFilter(senders_max=self._topology.repeat_keys_max)
         self._outbox = Outbox(
-            publisher or RedisPublisher(self.redis, sharded=self._clients.cluster_mode),
+            publisher or RedisPublisher(self.redis, sharded=self._topology.sharded),
             capacity=outbox_max,
             timeout=connect_timeout,
             backoff_max=backoff_max,
             after_overflow=self._announce_resync,
         )
 
-    def _client(self) -> Any:
-        return self._clients.new()
+    def _topology_for(self, wiring: Wiring) -> Topology:
+        if self._clients.cluster_mode:
+            return RedisClusterShards(wiring)
+        if self._clients.sentinel_managed:
+            return SentinelRedis(wiring, self._announce_resync)
+        return SingleRedis(wiring)
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    @property
+    def on_resubscribed(self) -> Callable[[], None]:
+        """Called once every needed channel is confirmed after a connection was lost or rebuilt."""
+        return self._subscriptions.on_resubscribed
+
+    @on_resubscribed.setter
+    def on_resubscribed(self, callback: Callable[[], None]) -> None:
+        self._subscriptions.on_resubscribed = callback
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def initialize(self) -> None:
-        # Not super().initialize(): that starts the stock listener, which this class replaces.
+        # Not super().initialize(): that starts the stock listener, which the topology replaces.
         socketio.AsyncManager.initialize(self)
         self._tasks = [
-            asyncio.create_task(self._listen_forever(), name="testpulse-redis-listener"),
+            asyncio.create_task(self._topology.listen_forever(), name="testpulse-redis-listener"),
             asyncio.create_task(self._outbox.publish_forever(), name="testpulse-redis-publisher"),
             asyncio.create_task(self._probe_forever(), name="testpulse-redis-probe"),
         ]
@@ -152,14 +171,14 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._drop_pubsub()
+        await self._topology.close()
         await self.redis.aclose()
         await self._clients.close()
 
     # ---- health ------------------------------------------------------------------------------
 
     def probe_age(self) -> float:
-        return time.monotonic() - self._last_probe
+        return self._topology.probe_age()
 
     async def health(self) -> str:
         """'ok', or what is failing."""
@@ -168,8 +187,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self.redis.ping()
         except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
             return f"failing: {type(exc).__name__}: {exc}"[:200]
-        if not self._link_up:
-            return "failing: subscription is down"
+        failure = self._topology.failure()
+        if failure is not None:
+            return f"failing: {failure}"
         if self.probe_age() > self._probe_timeout:
             return f"failing: subscription probe is {self.probe_age():.1f}s old"
         return "ok"
@@ -208,14 +228,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: str | None = None) -> None:
         super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
         if isinstance(room, str) and room.startswith(ROOM_PREFIX):
-            self._wanted.add(self._room_channel(room))
-            self._dirty = True
+            self._subscriptions.want(self._room_channel(room))
 
     def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)
         if isinstance(room, str) and room.startswith(ROOM_PREFIX) and room not in self.rooms.get(namespace, {}):
-            self._wanted.discard(self._room_channel(room))
-            self._dirty = True
+            self._subscriptions.unwant(self._room_channel(room))
 
     async def enter_room(self, sid: str, namespace: str, room: Any, eio_sid: str | None = None) -> None:
         await super().enter_room(sid, namespace, room, eio_sid=eio_sid)
@@ -224,16 +242,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
     async def subscribed(self, channel: str, wait_seconds: float = 2.0) -> None:
         """Wait until Redis confirms the subscription, so that whatever is published after this
-        returns reaches this node. While Redis is away, return at once: the catch-up after the
-        link returns covers that time."""
-        if channel in self._subscribed or not self._link_up:
+        returns reaches this node. While the connection that would hold it is down, return at
+        once: the catch-up after the link returns covers that time."""
+        if channel in self._topology.confirmed() or not self._topology.reachable(channel):
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(channel, []).append(waiter)
-        self._dirty = True
-        try:
-            await asyncio.wait_for(waiter, wait_seconds)
-        except TimeoutError:
+        if not await self._subscriptions.wait(channel, wait_seconds):
             log.warning("subscription to %s not confirmed within %.1fs", channel, wait_seconds)
 
     def _room_channel(self, room: str) -> str:
@@ -292,111 +305,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             return None
         return message if isinstance(message, dict) and isinstance(message.get("method"), str) else None
 
-    # ---- listening ---------------------------------------------------------------------------
-
-    async def _listen_forever(self) -> None:
-        backoff = 0.1
-        first = True
-        while True:
-            try:
-                await self._open_pubsub()
-                if not first:
-                    metrics.REDIS_RECONNECTS.inc()
-                first = False
-                backoff = 0.1
-                await self._receive()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect
-                log.warning("Redis subscription lost (%s: %s); reconnecting", type(exc).__name__, exc)
-            self._link_up = False
-            await self._drop_pubsub()
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self._backoff_max)
-
-    async def _open_pubsub(self) -> None:
-        client = self._client()
-        self._pubsub_client, self._master_moved = client, False
-        self._pubsub = client.pubsub()
-        self._subscribed.clear()
-        self._requested = set(self._wanted)
-        self._dirty = True
-        async with asyncio.timeout(self._connect_timeout):
-            await self._pubsub.subscribe(self.channel, self._probe_channel, *self._wanted)
-        self._last_probe = time.monotonic()
-        self._link_up = True
-        self._catch_up_pending = True
-
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        client, self._pubsub_client = self._pubsub_client, None
-        self._subscribed.clear()
-        if pubsub is not None and client is not None:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
-            # lands as aclose() finishes, and the listener then outlives close() (a node that never exits).
-            with contextlib.suppress(Exception):  # the connection is being thrown away anyway
-                async with asyncio.timeout(1.0):
-                    await pubsub.aclose()
-                    await client.aclose()
-
-    async def _receive(self) -> None:
-        while True:
-            if self._master_moved:
-                raise ConnectionError("Sentinel names a new Redis master: resubscribing there")
-            await self._reconcile()
-            # The listener sends subscriptions between reads: while joins are waiting for one it
-            # reads in short slices so they go out within ~10 ms; otherwise in longer ones, so
-            # that an idle node does not wake a hundred times a second.
-            busy = self._dirty or self._waiters or self._requested
-            message = await self._pubsub.get_message(timeout=LISTEN_SLICE_BUSY if busy else LISTEN_SLICE_IDLE)
-            if message is None:
-                if self.probe_age() > self._probe_timeout:
-                    raise ConnectionError(f"no probe for {self.probe_age():.1f}s: subscription is deaf")
-                continue
-            kind = message.get("type")
-            channel = message.get("channel")
-            if isinstance(channel, bytes):
-                channel = channel.decode()
-            if kind == "subscribe":
-                self._confirm(channel)
-            elif kind == "message":
-                await self._dispatch(channel, message.get("data"))
-
-    async def _reconcile(self) -> None:
-        """Bring the connection's subscriptions in line with the rooms this node's clients are in."""
-        if not self._dirty:
-            return
-        self._dirty = False
-        base = {self.channel, self._probe_channel}
-        needed = self._wanted | set(self._waiters)
-        missing = needed - self._subscribed - self._requested - base
-        if missing:
-            self._requested |= missing
-            await self._pubsub.subscribe(*missing)
-        extra = (self._subscribed | self._requested) - needed - base
-        if extra:
-            self._subscribed -= extra
-            self._requested -= extra
-            await self._pubsub.unsubscribe(*extra)
-
-    def _confirm(self, channel: str) -> None:
-        if channel == self.channel and channel in self._subscribed:
-            # A second confirmation of the control channel on one pub/sub object: redis-py lost the
-            # connection and subscribed again by itself, below this listener. Whatever was published
-            # in between must be read from the store, as after a reconnect of our own.
-            metrics.REDIS_RECONNECTS.inc()
-            self._catch_up_pending = True
-        self._requested.discard(channel)
-        self._subscribed.add(channel)
-        if channel not in self._wanted and channel not in self._waiters:
-            self._dirty = True  # left meanwhile: the next reconcile unsubscribes
-        for waiter in self._waiters.pop(channel, []):
-            if not waiter.done():
-                waiter.set_result(None)
-        if self._catch_up_pending and (self._wanted | {self.channel, self._probe_channel}) <= self._subscribed:
-            # Every channel is live again: whatever was published meanwhile is in the store.
-            self._catch_up_pending = False
-            self.on_resubscribed()
+    # ---- receiving ---------------------------------------------------------------------------
 
     async def _dispatch(self, channel: str, raw: Any) -> bool:
         """Handle one message from `channel`; False when it was not a verified message of ours."""
@@ -405,9 +314,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             metrics.REDIS_MESSAGES_RECEIVED.labels("rejected").inc()
             return False
         method = message["method"]
-        # Any verified message proves the subscription hears; a busy node may read its own probe
-        # late, and must not mistake that for a deaf connection.
-        self._last_probe = time.monotonic()
         if method == "probe":
             return True
         if self._is_repeat(message, channel):
@@ -446,15 +352,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return True
 
     def _is_repeat(self, message: dict[str, Any], channel: str) -> bool:
-        # One connection hears each sender's numbers rising, whatever the channel: `channel` is
-        # for ShardedClusterManager, whose connections (one per shard) interleave them.
         sender, number = message.get(SENDER_KEY), message.get(NUMBER_KEY)
         if not isinstance(sender, str) or not isinstance(number, int):
             return False  # a node from before message numbers: nothing to compare with
-        return self._repeats.is_repeat(self._repeat_key(sender, channel), number)
-
-    def _repeat_key(self, sender: str, channel: str) -> str:
-        return sender
+        return self._repeats.is_repeat(self._topology.repeat_key(sender, channel), number)
 
     def _on_detections(self, message: dict[str, Any]) -> None:
         session_id, items = message.get("session_id"), message.get("items")
@@ -468,40 +369,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             await asyncio.sleep(self._probe_interval)
             metrics.REDIS_PROBE_AGE_SECONDS.set(self.probe_age())
             # A deaf channel, not only a deaf connection: wanted above confirmed for long is a fault.
-            _CHANNELS_WANTED.set(len(self._wanted))
-            _CHANNELS_CONFIRMED.set(len(self._wanted & self._subscribed) if self._link_up else 0)
-            if not self._link_up:
-                continue
-            if self._clients.sentinel_managed:
-                await self._follow_master()
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await self.redis.publish(self._probe_channel, self._sign({"method": "probe"}))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a failed probe shows up as probe age
-                pass
-
-    async def _follow_master(self) -> None:
-        """Sentinel: move to a new master (see server/bus/clients.py for why the connections do
-        not by themselves). Until every node has moved, some publish on the old master and some
-        listen on the new one, so the node that moves asks every node to re-read the store: its
-        resync goes out on the new master, where the nodes that moved earlier listen."""
-        listener = self._pubsub_client
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                publisher_moved = await self._clients.master_moved(self.redis)
-                listener_moved = listener is not None and await self._clients.master_moved(listener)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Sentinels unreachable or mid-failover: ask again next tick
-            log.debug("asking the Sentinels for the master failed: %s", exc)
-            return
-        if listener_moved and listener is self._pubsub_client:
-            self._master_moved = True
-        if publisher_moved or listener_moved:
-            log.warning("Sentinel names a new Redis master; moving to it")
-            self._announce_resync()
+            wanted = self._subscriptions.wanted
+            _CHANNELS_WANTED.set(len(wanted))
+            _CHANNELS_CONFIRMED.set(len(wanted & self._topology.confirmed()))
+            self._topology.export_series()
+            await self._topology.probe_once()
 
 
 _KNOWN_METHODS = frozenset(

@@ -56,7 +56,7 @@ class RedisClients:
 
     @property
     def cluster_mode(self) -> bool:
-        """A Redis Cluster: new() makes RedisCluster clients, and pub/sub is sharded (server/bus/shards.py)."""
+        """A Redis Cluster: new() makes RedisCluster clients, and pub/sub is sharded (server/bus/cluster.py)."""
         return self._cluster_login is not None
 
     def new(self) -> Any:
@@ -75,7 +75,7 @@ class RedisClients:
         """A plain client of one Redis Cluster master (a pub/sub connection pinned to that shard),
         with the cluster's login and options. It never reconnects by itself: redis-py would
         resubscribe every shard channel in one SSUBSCRIBE, which a master refuses (CROSSSLOT) as
-        soon as they span two slots; its owner (server/bus/shards.py) opens a new one instead."""
+        soon as they span two slots; its owner (server/bus/cluster.py) opens a new one instead."""
         assert self._cluster_login is not None, "shard() is for Redis Cluster URLs"
         once = Retry(NoBackoff(), 0)
         return aioredis.Redis(host=host, port=port, retry=once, **self._cluster_login, **self._options)

@@ -172,10 +172,11 @@ BROKER: tuple[Need, ...] = (
     Need("socketio.base_manager", "BaseManager", assigned=("rooms",)),
 )
 
-# server/bus/shards.py: sharded pub/sub in redis.asyncio (redis-py 8.0 on; pyproject.toml admits older
+# server/bus/cluster.py: sharded pub/sub in redis.asyncio (redis-py 8.0 on; pyproject.toml admits older
 # ones for everything else), and the slot map of its RedisCluster, read again when a slot moves
 # (no public call refreshes it; the client itself calls this after MOVED). No stock fallback exists
-# (python-socketio has no Redis Cluster manager): ShardedClusterManager refuses to start without them.
+# (python-socketio has no Redis Cluster manager): the Redis Cluster topology (RedisClusterShards)
+# refuses to start without them.
 REDIS_CLUSTER: tuple[Need, ...] = (
     _call("redis.asyncio.client", "PubSub.ssubscribe", "self"),
     _call("redis.asyncio.client", "PubSub.sunsubscribe", "self"),

@@ -1,4 +1,4 @@
-"""ShardedClusterManager's pure parts: SSUBSCRIBE groups, and repeats told apart per channel when
+"""The Redis Cluster topology's pure parts: SSUBSCRIBE groups, and repeats told apart per channel when
 several shard connections interleave one sender's messages."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 from redis.crc import key_slot
 
 from testpulse.bus.broker import NUMBER_KEY, SENDER_KEY, ClusterManager
-from testpulse.bus.shards import ShardedClusterManager, by_slot
+from testpulse.bus.cluster import RedisClusterShards
+from testpulse.bus.link import by_slot
 
 pytestmark = pytest.mark.unit
 
@@ -22,8 +23,9 @@ def numbered(number: int) -> dict[str, object]:
 
 
 @pytest.fixture
-async def sharded() -> AsyncIterator[ShardedClusterManager]:
-    manager = ShardedClusterManager(UNREACHABLE, key=KEY)
+async def sharded() -> AsyncIterator[ClusterManager]:
+    manager = ClusterManager(UNREACHABLE, key=KEY)
+    assert isinstance(manager.topology, RedisClusterShards)
     yield manager
     await manager.redis.aclose()
 
@@ -38,7 +40,7 @@ def test_ssubscribe_groups_hold_channels_of_one_slot_each() -> None:
 
 
 async def test_messages_of_one_sender_interleaved_by_two_shards_are_all_handled_and_repeats_are_not(
-    sharded: ShardedClusterManager,
+    sharded: ClusterManager,
 ) -> None:
     # The sender's outbox numbered them 5 (session A's shard) then 6 (session B's shard); the
     # receiver's connection to B's shard happened to be read first.
@@ -58,6 +60,10 @@ async def test_one_connection_takes_a_lower_number_after_a_higher_one_as_a_repea
         await single.redis.aclose()
 
 
-async def test_the_sharded_manager_takes_only_redis_cluster_urls() -> None:
-    with pytest.raises(ValueError, match="redis\\+cluster://"):
-        ShardedClusterManager("redis://127.0.0.1:9", key=KEY)
+async def test_the_sharded_topology_takes_only_redis_cluster_urls() -> None:
+    single = ClusterManager("redis://127.0.0.1:9", key=KEY)
+    try:
+        with pytest.raises(ValueError, match="redis\\+cluster://"):
+            RedisClusterShards(single._wiring)
+    finally:
+        await single.redis.aclose()
