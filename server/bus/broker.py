@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import socketio
 
-from testpulse import metrics
+from testpulse import jsoncodec, metrics
 from testpulse.bus.clients import RedisClients
 from testpulse.bus.cluster import RedisClusterShards
 from testpulse.bus.link import Subscriptions
@@ -123,6 +122,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         )
         self._topology = self._topology_for(self._wiring)
         self._sent = 0  # the number of this node's last outbox message
+        # How this node's own messages begin (_enqueue puts the sender first): Redis hands every
+        # publish back to its sender, and those echoes are dropped before they are decoded.
+        self._echo_prefix = jsoncodec.dumps_bytes({SENDER_KEY: self.host_id})[:-1] + b","
         self._repeats = RepeatFilter(senders_max=self._topology.repeat_keys_max)
         self._outbox = Outbox(
             publisher or RedisPublisher(self.redis, sharded=self._topology.sharded),
@@ -282,46 +284,55 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # "host_id" is not the sender for every method (a callback names its destination), so the
         # sender and its message number travel under their own keys, for the receivers' RepeatFilter.
         self._sent += 1
-        self._outbox.put(channel, self._sign({**message, SENDER_KEY: self.host_id, NUMBER_KEY: self._sent}))
+        numbered = {SENDER_KEY: self.host_id, NUMBER_KEY: self._sent}
+        if message.get("method") == "callback":
+            # Not echo-shaped: a callback's "host_id" is its destination, which may be this node.
+            numbered = {**message, **numbered}
+        else:
+            numbered.update(message)
+        self._outbox.put(channel, self._sign(numbered))
 
     def _announce_resync(self) -> None:
         # Some messages were dropped while Redis was away: have every node re-read the store.
         self._enqueue(self.channel, {"method": "resync", "host_id": self.host_id})
 
     def _sign(self, message: dict[str, Any]) -> bytes:
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = jsoncodec.dumps_bytes(message)
         return hmac.new(self._key, body, hashlib.sha256).digest()[:SIGNATURE_BYTES] + body
 
-    def _verify(self, raw: bytes) -> dict[str, Any] | None:
+    def _signed_body(self, raw: Any) -> bytes | None:
         if not isinstance(raw, bytes) or len(raw) <= SIGNATURE_BYTES:
             return None
         signature, body = raw[:SIGNATURE_BYTES], raw[SIGNATURE_BYTES:]
         expected = hmac.new(self._key, body, hashlib.sha256).digest()[:SIGNATURE_BYTES]
-        if not hmac.compare_digest(signature, expected):
-            return None
-        try:
-            message = json.loads(body)
-        except ValueError:
-            return None
-        return message if isinstance(message, dict) and isinstance(message.get("method"), str) else None
+        return body if hmac.compare_digest(signature, expected) else None
 
     # ---- receiving ---------------------------------------------------------------------------
 
     async def _dispatch(self, channel: str, raw: Any) -> bool:
         """Handle one message from `channel`; False when it was not a verified message of ours."""
-        message = self._verify(raw)
-        if message is None:
-            metrics.REDIS_MESSAGES_RECEIVED.labels("rejected").inc()
+        body = self._signed_body(raw)
+        if body is None:
+            _REJECTED.inc()
+            return False
+        if body.startswith(self._echo_prefix):
+            return True  # our own publish, handed back: verified (it proves the link hears), not needed
+        try:
+            message = jsoncodec.loads(body)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+            _REJECTED.inc()
             return False
         method = message["method"]
         if method == "probe":
             return True
         if self._is_repeat(message, channel):
-            metrics.REDIS_MESSAGES_RECEIVED.labels("repeat").inc()
+            _REPEATS.inc()
             return True
         if message.get("host_id") == self.host_id and method != "callback":
             return True
-        metrics.REDIS_MESSAGES_RECEIVED.labels(method if method in _KNOWN_METHODS else "other").inc()
+        _RECEIVED.get(method, _RECEIVED_OTHER).inc()
         try:
             if method == "detections":
                 self._on_detections(message)
@@ -376,20 +387,23 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             await self._topology.probe_once()
 
 
-_KNOWN_METHODS = frozenset(
-    {
-        "detections",
-        "status",
-        "presence",
-        "resync",
-        "emit",
-        "callback",
-        "disconnect",
-        "enter_room",
-        "leave_room",
-        "close_room",
-    }
+_KNOWN_METHODS = (
+    "detections",
+    "status",
+    "presence",
+    "resync",
+    "emit",
+    "callback",
+    "disconnect",
+    "enter_room",
+    "leave_room",
+    "close_room",
 )
+# Bound once: labels() looks its child up under a lock on every call, once per message here.
+_RECEIVED = {method: metrics.REDIS_MESSAGES_RECEIVED.labels(method) for method in _KNOWN_METHODS}
+_RECEIVED_OTHER = metrics.REDIS_MESSAGES_RECEIVED.labels("other")
+_REJECTED = metrics.REDIS_MESSAGES_RECEIVED.labels("rejected")
+_REPEATS = metrics.REDIS_MESSAGES_RECEIVED.labels("repeat")
 
 
 def cluster_key(secret: str) -> bytes:
