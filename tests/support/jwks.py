@@ -35,7 +35,8 @@ class Signer:
         public = self.private.public_key()
         algorithm = {"RS": RSAAlgorithm, "ES": ECAlgorithm, "Ed": OKPAlgorithm}[self.alg[:2]]
         body: dict[str, Any] = algorithm.to_jwk(public, as_dict=True)
-        return {**body, "kid": self.kid, "use": "sig", "alg": self.alg, **self.extra}
+        published = {**body, "kid": self.kid, "use": "sig", "alg": self.alg, **self.extra}
+        return {k: v for k, v in published.items() if v is not None}  # an extra of None drops a member
 
     def sign(self, claims: dict[str, Any], *, alg: str | None = None, headers: dict[str, Any] | None = None) -> str:
         return jwt.encode(claims, self.private, algorithm=alg or self.alg, headers={"kid": self.kid, **(headers or {})})

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -261,15 +262,26 @@ EC384 = ec_signer("ec384", "ES384")
 ED = ed_signer("ed")
 ENC = Signer("enc", "RS256", RSA.private, extra={"use": "enc"})
 RS512_ONLY = Signer("rs512-only", "RS512", RSA.private)
-NO_ALG = Signer("no-alg", "RS256", RSA.private, extra={"alg": None})
+# Keys published without `alg` or `use`: only their key type says what they may verify.
+BARE = {"alg": None, "use": None}
+NO_ALG = Signer("no-alg", "RS256", RSA.private, extra=BARE)
+EC256_BARE = Signer("ec256-bare", "ES256", EC256.private, extra=BARE)
+EC384_BARE = Signer("ec384-bare", "ES384", EC384.private, extra=BARE)
+ED_BARE = Signer("ed-bare", "EdDSA", ED.private, extra=BARE)
 PUBLIC_PEM = RSA.private.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
 )
+AUDIENCE = "testpulse"
+
+
+def good(**overrides: Any) -> dict[str, Any]:
+    """Claims that pass every check but the one a case is about."""
+    return claims(**{"aud": AUDIENCE, **overrides})
 
 
 def _wrong_key_type(alg: str, kid: str) -> str:
-    """A token that says `alg`, signed by the right kind of key, naming a key of another type."""
-    return signer_for(alg, kid).sign(claims())
+    """A token that says `alg`, signed by a key of its own type, naming a key of another type (or curve)."""
+    return signer_for(alg, kid).sign(good())
 
 
 def _private_jwk() -> dict[str, Any]:
@@ -277,40 +289,68 @@ def _private_jwk() -> dict[str, Any]:
     return {**jwk, "kid": "private", "use": "sig", "alg": "RS256"}
 
 
-REFUSED: dict[str, tuple[Any, str]] = {
-    "alg-none": (lambda: forged({"alg": "none", "kid": "rsa"}, claims()), "auth_invalid"),
-    "alg-none-capitalised": (lambda: forged({"alg": "None", "kid": "rsa"}, claims()), "auth_invalid"),
-    # Algorithm confusion: HS256 keyed with the provider's public key, which anyone can fetch.
+NOT_ACCEPTED = "algorithm is not accepted"
+BAD_SIGNATURE = "Signature verification failed"
+# case -> (token maker, code, what the message says)
+REFUSED: dict[str, tuple[Any, str, str]] = {
+    "alg-none": (lambda: forged({"alg": "none", "kid": "rsa"}, good()), "auth_invalid", NOT_ACCEPTED),
+    "alg-none-capitalised": (lambda: forged({"alg": "None", "kid": "rsa"}, good()), "auth_invalid", NOT_ACCEPTED),
+    # Algorithm confusion: HS256 keyed with the provider's public key, which anyone can fetch. With
+    # a secret configured it is checked against that secret (and fails), never against the JWK.
     "hs256-with-the-public-key": (
         lambda: forged_hmac(PUBLIC_PEM, {"alg": "HS256", "kid": "rsa"}),
         "auth_invalid",
+        f"{NOT_ACCEPTED}|{BAD_SIGNATURE}",
     ),
     "hs256-with-the-jwk-json": (
         lambda: forged_hmac(json.dumps(RSA.jwk).encode(), {"alg": "HS256", "kid": "rsa"}),
         "auth_invalid",
+        f"{NOT_ACCEPTED}|{BAD_SIGNATURE}",
     ),
-    "hs256-with-the-dev-secret": (lambda: jwt.encode(claims(), DEV_JWT_SECRET, algorithm="HS256"), "auth_invalid"),
-    "unsupported-ps256": (lambda: RSA.sign(claims(), alg="PS256"), "auth_invalid"),
-    "es512-not-accepted": (lambda: forged({"alg": "ES512", "kid": "ec256"}, claims(), b"x" * 132), "auth_invalid"),
-    "rs256-naming-an-ec-key": (lambda: _wrong_key_type("RS256", "ec256"), "auth_invalid"),
-    "es256-naming-an-rsa-key": (lambda: _wrong_key_type("ES256", "rsa"), "auth_invalid"),
-    "es256-naming-a-p384-key": (lambda: _wrong_key_type("ES256", "ec384"), "auth_invalid"),
-    "eddsa-naming-an-ec-key": (lambda: _wrong_key_type("EdDSA", "ec256"), "auth_invalid"),
-    "rs256-naming-an-okp-key": (lambda: _wrong_key_type("RS256", "ed"), "auth_invalid"),
-    "key-for-encryption": (lambda: ENC.sign(claims()), "auth_invalid"),
-    "key-alg-mismatch": (lambda: RS512_ONLY.sign(claims(), alg="RS256"), "auth_invalid"),
-    "key-with-private-material": (lambda: Signer("private", "RS256", RSA.private).sign(claims()), "auth_invalid"),
-    "signed-by-another-key": (lambda: Signer("rsa", "RS256", rsa_signer("x").private).sign(claims()), "auth_invalid"),
-    "unknown-kid": (lambda: rsa_signer("nobody-knows").sign(claims()), "auth_invalid"),
-    "no-kid": (lambda: jwt.encode(claims(), RSA.private, algorithm="RS256"), "auth_invalid"),
-    "kid-not-a-string": (lambda: forged({"alg": "RS256", "kid": 7}, claims(), b"x" * 256), "auth_invalid"),
-    "expired": (lambda: RSA.sign(claims(exp=int(time.time()) - 60)), "auth_expired"),
-    "not-yet-valid": (lambda: EC256.sign(claims(nbf=int(time.time()) + 3600)), "auth_invalid"),
-    "wrong-audience": (lambda: ED.sign(claims(aud="someone-else")), "auth_invalid"),
-    "no-audience": (lambda: ED.sign(claims(aud=...)), "auth_invalid"),
-    "wrong-issuer": (lambda: RSA.sign(claims(aud="testpulse", iss="https://evil.example")), "auth_invalid"),
-    "missing-role": (lambda: EC384.sign(claims(aud="testpulse", role=...)), "auth_invalid"),
-    "tampered-payload": (lambda: tampered(RSA.sign(claims(aud="testpulse", role="viewer"))), "auth_invalid"),
+    "hs256-with-the-dev-secret": (
+        lambda: jwt.encode(good(), DEV_JWT_SECRET, algorithm="HS256"),
+        "auth_invalid",
+        f"{NOT_ACCEPTED}|{BAD_SIGNATURE}",
+    ),
+    "unsupported-ps256": (lambda: RSA.sign(good(), alg="PS256"), "auth_invalid", NOT_ACCEPTED),
+    "es512-not-accepted": (
+        lambda: forged({"alg": "ES512", "kid": "ec256"}, good(), b"x" * 132),
+        "auth_invalid",
+        NOT_ACCEPTED,
+    ),
+    "rs256-naming-an-ec-key": (lambda: _wrong_key_type("RS256", "ec256-bare"), "auth_invalid", "cannot verify RS256"),
+    "es256-naming-an-rsa-key": (lambda: _wrong_key_type("ES256", "no-alg"), "auth_invalid", "cannot verify ES256"),
+    "es256-naming-a-p384-key": (lambda: _wrong_key_type("ES256", "ec384-bare"), "auth_invalid", "cannot verify ES256"),
+    "es384-naming-a-p256-key": (lambda: _wrong_key_type("ES384", "ec256-bare"), "auth_invalid", "cannot verify ES384"),
+    "eddsa-naming-an-ec-key": (lambda: _wrong_key_type("EdDSA", "ec256-bare"), "auth_invalid", "cannot verify EdDSA"),
+    "rs256-naming-an-okp-key": (lambda: _wrong_key_type("RS256", "ed-bare"), "auth_invalid", "cannot verify RS256"),
+    "rs256-naming-an-es256-key": (lambda: _wrong_key_type("RS256", "ec256"), "auth_invalid", "is for ES256"),
+    "key-for-encryption": (lambda: ENC.sign(good()), "auth_invalid", "for use 'enc'"),
+    "key-alg-mismatch": (lambda: RS512_ONLY.sign(good(), alg="RS256"), "auth_invalid", "is for RS512"),
+    "key-with-private-material": (
+        lambda: Signer("private", "RS256", RSA.private).sign(good()),
+        "auth_invalid",
+        "private key material",
+    ),
+    "signed-by-another-key": (
+        lambda: Signer("rsa", "RS256", rsa_signer("x").private).sign(good()),
+        "auth_invalid",
+        BAD_SIGNATURE,
+    ),
+    "unknown-kid": (lambda: rsa_signer("nobody-knows").sign(good()), "auth_invalid", "no key 'nobody-knows'"),
+    "no-kid": (lambda: jwt.encode(good(), RSA.private, algorithm="RS256"), "auth_invalid", "no 'kid'"),
+    "kid-not-a-string": (
+        lambda: forged({"alg": "RS256", "kid": 7}, good(), b"x" * 256),
+        "auth_invalid",
+        "kid|Key ID",
+    ),
+    "expired": (lambda: RSA.sign(good(exp=int(time.time()) - 60)), "auth_expired", "expired"),
+    "not-yet-valid": (lambda: EC256.sign(good(nbf=int(time.time()) + 3600)), "auth_invalid", "not valid yet"),
+    "wrong-audience": (lambda: ED.sign(good(aud="someone-else")), "auth_invalid", "audience"),
+    "no-audience": (lambda: ED.sign(good(aud=...)), "auth_invalid", "'aud'"),
+    "wrong-issuer": (lambda: RSA.sign(good(iss="https://evil.example")), "auth_invalid", "issuer"),
+    "missing-role": (lambda: EC384.sign(good(role=...)), "auth_invalid", "'role'"),
+    "tampered-payload": (lambda: tampered(RSA.sign(good(role="viewer"))), "auth_invalid", BAD_SIGNATURE),
 }
 
 
@@ -319,7 +359,7 @@ def forged_hmac(key: bytes, header: dict[str, Any]) -> str:
     import hashlib
     import hmac
 
-    unsigned = forged(header, claims(aud="testpulse")).rsplit(".", 1)[0]
+    unsigned = forged(header, good()).rsplit(".", 1)[0]
     signature = hmac.new(key, unsigned.encode(), hashlib.sha256).digest()
     return f"{unsigned}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
 
@@ -332,19 +372,29 @@ def tampered(token: str) -> str:
 
 
 def matrix_keys() -> list[Any]:
-    return [RSA, EC256, EC384, ED, ENC, RS512_ONLY, NO_ALG, _private_jwk()]
+    return [RSA, EC256, EC384, ED, ENC, RS512_ONLY, NO_ALG, EC256_BARE, EC384_BARE, ED_BARE, _private_jwk()]
 
 
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
 @pytest.mark.parametrize("hmac", [False, True], ids=["jwks-only", "jwks-and-hmac"])
 async def test_refused_tokens_get_their_typed_refusal(case: str, hmac: bool) -> None:
-    make, code = REFUSED[case]
+    make, code, says = REFUSED[case]
     with jwks_server(*matrix_keys()) as server:
         ring = keyring(server)
         extra = {"jwt_secret": SECRET} if hmac else {}
-        v = verifier(ring, jwt_audience="testpulse", jwt_issuer=ISSUER, **extra)
-        assert (await v.verify(RSA.sign(claims(aud="testpulse")))).sub == "idp-user"  # the node works
-        assert await refusal(v, make()) == code
+        v = verifier(ring, jwt_audience=AUDIENCE, jwt_issuer=ISSUER, **extra)
+        assert (await v.verify(RSA.sign(good()))).sub == "idp-user"  # everything else about the token is right
+        with pytest.raises(AuthError) as caught:
+            await v.verify(make())
+        assert caught.value.code == code
+        assert re.search(says, caught.value.message), caught.value.message
+
+
+@pytest.mark.parametrize("signer", [NO_ALG, EC256_BARE, EC384_BARE, ED_BARE], ids=lambda s: s.kid)
+async def test_a_key_published_without_alg_or_use_verifies_its_own_key_type(signer: Signer) -> None:
+    with jwks_server(*matrix_keys()) as server:
+        v = verifier(keyring(server))
+        assert (await v.verify(signer.sign(claims()))).sub == "idp-user"
 
 
 async def test_a_key_without_alg_or_use_serves_its_own_key_type() -> None:
