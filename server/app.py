@@ -56,7 +56,9 @@ class Node:
         self.log = GroupCommitLog(self.store, batch_max=settings.write_batch_max, queue_max=settings.write_queue_max)
         origins: str | list[str] = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
         self.cluster = (
-            ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
+            ClusterManager(settings.redis_url, key=cluster_key(settings.cluster_key_secret))
+            if settings.redis_url
+            else None
         )
         self.transport = auto.select(settings.transport)
         self.sio = server_class(self.transport)(

@@ -64,6 +64,13 @@ class Settings:
             "doc": "accepted HMAC algorithms (HS256, HS384, HS512), comma separated; tokens are signed with the first"
         },
     )
+    cluster_secret: str | None = field(
+        default=None,
+        metadata={
+            "doc": "key that signs the messages nodes exchange through Redis; unset: derived from"
+            " TESTPULSE_JWT_SECRET. Set it (the same on every node) when only TESTPULSE_JWKS_URL verifies tokens"
+        },
+    )
     jwt_audience: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `aud`"})
     jwt_issuer: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `iss`"})
     jwt_leeway_seconds: float = field(default=0.0, metadata={"doc": "clock skew tolerated on `exp`, `nbf` and `iat`"})
@@ -184,6 +191,10 @@ class Settings:
                     object.__setattr__(self, name, normalise(raw.strip()))
 
     @property
+    def cluster_key_secret(self) -> str:
+        return self.cluster_secret or self.jwt_secret
+
+    @property
     def hmac_enabled(self) -> bool:
         """HMAC tokens are accepted unless a JWK Set is configured and no secret of one's own is."""
         return self.jwks_url is None or self.jwt_secret != DEV_JWT_SECRET
@@ -231,6 +242,8 @@ class Settings:
                 fail("jwt_algorithms", f"{alg!r} is not supported (use {', '.join(SUPPORTED_ALGORITHMS)})")
         if len(self.jwt_secret) < 32:
             fail("jwt_secret", "must be at least 32 characters")
+        if self.cluster_secret is not None and len(self.cluster_secret) < 32:
+            fail("cluster_secret", "must be at least 32 characters")
         if self.jwks_url is not None and not self.jwks_url.startswith(JWKS_SCHEMES):
             fail("jwks_url", f"must start with {', '.join(JWKS_SCHEMES)}, got {self.jwks_url!r}")
         for name, normalise in (("database_url", normalise_database_url), ("redis_url", normalise_redis_url)):
@@ -285,6 +298,9 @@ class Settings:
         if self.production:
             if self.hmac_enabled and self.jwt_secret == DEV_JWT_SECRET:
                 fail("jwt_secret", "the development default is refused in production; set a secret of your own")
+            if self.redis_url is not None and self.cluster_key_secret == DEV_JWT_SECRET:
+                # Only a key set verifies tokens, so no secret of one's own keys the cross-node messages.
+                fail("cluster_secret", "a cluster on Redis needs it in production when no TESTPULSE_JWT_SECRET is set")
             if not self.allowed_origins:
                 fail("allowed_origins", "an empty origin list is refused in production")
             if "*" in self.allowed_origins:

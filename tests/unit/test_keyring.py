@@ -431,3 +431,17 @@ def test_production_with_only_a_key_set_needs_no_secret() -> None:
 def test_refresh_seconds_must_be_positive() -> None:
     with pytest.raises(SettingsError, match="TESTPULSE_JWKS_REFRESH_SECONDS"):
         Settings.from_env({"TESTPULSE_JWKS_REFRESH_SECONDS": "0"})
+
+
+def test_a_production_cluster_with_only_a_key_set_needs_a_cluster_secret() -> None:
+    env = {
+        "TESTPULSE_ENV": "production",
+        "TESTPULSE_ALLOWED_ORIGINS": "https://dash.example",
+        "TESTPULSE_JWKS_URL": "https://idp.example/jwks",
+        "TESTPULSE_REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
+    with pytest.raises(SettingsError, match="TESTPULSE_CLUSTER_SECRET"):
+        Settings.from_env(env)
+    settings = Settings.from_env({**env, "TESTPULSE_CLUSTER_SECRET": SECRET})
+    assert settings.cluster_key_secret == SECRET and not settings.hmac_enabled
+    assert Settings(jwt_secret=SECRET).cluster_key_secret == SECRET, "unset, it is the JWT secret as before"
