@@ -178,8 +178,6 @@ class Keyring:
     async def key_for(self, kid: object) -> SigningKey:
         """The key named `kid`, fetching the set once more if it is unknown (and the interval allows)."""
         if not isinstance(kid, str) or not kid:
-            if self._keys is None:
-                raise KeysUnavailable("the identity provider's keys have not been fetched yet")
             raise KeyRefused("token has no 'kid' header naming its key")
         if self._keys is not None and kid in self._keys:
             return self._keys[kid]
@@ -189,7 +187,8 @@ class Keyring:
         # right after start is still accepted.
         now, missing = self._clock(), self._keys is None
         last = self._last_missing_set_fetch if missing else self._last_unknown_kid_fetch
-        if self._inflight is not None:
+        if self._fetching():
+            assert self._inflight is not None
             await asyncio.shield(self._inflight)
         elif last is None or now - last >= self._unknown_kid_interval:
             if missing:
@@ -205,10 +204,13 @@ class Keyring:
 
     async def refresh(self, trigger: str = "schedule") -> bool:
         """Fetch the set now (or join the fetch under way); True when the keys are fresh from it."""
-        if self._inflight is None:
+        if not self._fetching() or self._inflight is None:
             self._inflight = asyncio.ensure_future(self._fetch(trigger))
             self._inflight.add_done_callback(self._forget)
         return await asyncio.shield(self._inflight)
+
+    def _fetching(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
 
     def _forget(self, task: asyncio.Task[bool]) -> None:
         if self._inflight is task:
@@ -247,5 +249,9 @@ class Keyring:
         """Fetch at once, then whenever the schedule says (cancel to stop)."""
         while True:
             if self.due_in() <= 0:
-                await self.refresh("schedule")
+                try:
+                    await self.refresh("schedule")
+                except Exception:  # the schedule must outlive a bug in one fetch
+                    log.exception("JWK Set refresh failed unexpectedly; trying again in %.0f s", self._retry)
+                    self._next_due = self._clock() + self._retry
             await asyncio.sleep(max(self.due_in(), 0.05))
