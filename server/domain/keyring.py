@@ -167,10 +167,6 @@ class Keyring:
         self._inflight: asyncio.Task[bool] | None = None
         self._failing = False
 
-    @property
-    def fetched(self) -> bool:
-        return self._keys is not None
-
     def due_in(self) -> float:
         """Seconds until the next scheduled fetch (0 when it is due)."""
         return max(0.0, self._next_due - self._clock())

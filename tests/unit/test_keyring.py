@@ -445,3 +445,18 @@ def test_a_production_cluster_with_only_a_key_set_needs_a_cluster_secret() -> No
     settings = Settings.from_env({**env, "TESTPULSE_CLUSTER_SECRET": SECRET})
     assert settings.cluster_key_secret == SECRET and not settings.hmac_enabled
     assert Settings(jwt_secret=SECRET).cluster_key_secret == SECRET, "unset, it is the JWT secret as before"
+
+
+def test_testpulse_token_refuses_to_mint_hmac_tokens_nobody_accepts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from testpulse.cli import main
+
+    monkeypatch.setenv("TESTPULSE_JWKS_URL", "https://idp.example/jwks")
+    monkeypatch.delenv("TESTPULSE_JWT_SECRET", raising=False)
+    assert main(["token", "--role", "viewer"]) == 2
+    assert "TESTPULSE_JWKS_URL" in capsys.readouterr().err
+    monkeypatch.setenv("TESTPULSE_JWT_SECRET", SECRET)
+    assert main(["token", "--role", "viewer"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["role"] == "viewer"
