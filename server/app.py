@@ -19,10 +19,12 @@ from testpulse.bus.broker import ClusterManager, cluster_key
 from testpulse.bus.presence import RedisBoard
 from testpulse.domain import disconnects
 from testpulse.domain.auth import TokenVerifier
+from testpulse.domain.keyring import Keyring
 from testpulse.domain.presence import LocalBoard, Presence, PresenceBoard
 from testpulse.domain.protocol import ErrorCode, ProtocolError
 from testpulse.domain.sessions import Hub, Status
 from testpulse.http.api import HttpApi
+from testpulse.jwks import UrlKeySource
 from testpulse.realtime.broadcast import NodeBroadcast
 from testpulse.realtime.feeds import Feeds
 from testpulse.realtime.handlers import Realtime, server_class
@@ -54,7 +56,9 @@ class Node:
         self.log = GroupCommitLog(self.store, batch_max=settings.write_batch_max, queue_max=settings.write_queue_max)
         origins: str | list[str] = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
         self.cluster = (
-            ClusterManager(settings.redis_url, key=cluster_key(settings.jwt_secret)) if settings.redis_url else None
+            ClusterManager(settings.redis_url, key=cluster_key(settings.cluster_key_secret))
+            if settings.redis_url
+            else None
         )
         self.transport = auto.select(settings.transport)
         self.sio = server_class(self.transport)(
@@ -81,7 +85,13 @@ class Node:
         )
         self.hub = Hub(self.store, self.log, NodeBroadcast(self.sio, self.feeds, self.cluster))
         self.presence = Presence(self._presence_board(), self.feeds.send_many)
-        verifier = TokenVerifier(settings)
+        self.keyring = (
+            Keyring(UrlKeySource(settings.jwks_url), refresh_seconds=settings.jwks_refresh_seconds)
+            if settings.jwks_url
+            else None
+        )
+        self._keyring_task: asyncio.Task[None] | None = None
+        verifier = TokenVerifier(settings, self.keyring)
         self.realtime = Realtime(
             self.sio, self.hub, self.feeds, verifier, settings, lambda: self.draining, self.presence
         )
@@ -107,6 +117,10 @@ class Node:
         self._sweeper = asyncio.create_task(self.feeds.sweep_forever(), name="testpulse-feed-sweeper")
         self._expirer = asyncio.create_task(self.realtime.expire_forever(), name="testpulse-token-expiry")
         self._presence_task = asyncio.create_task(self.presence.run_forever(), name="testpulse-presence")
+        if self.keyring is not None:
+            # Not awaited: a node starts while the identity provider is down, and refuses its
+            # tokens with `unavailable` until a fetch succeeds.
+            self._keyring_task = asyncio.create_task(self.keyring.run_forever(), name="testpulse-jwks")
         if self.settings.retention_days > 0:
             retention = Retention(
                 self.store,
@@ -183,7 +197,14 @@ class Node:
             tick += 1
 
     async def stop(self) -> None:
-        for task in (self._sampler, self._sweeper, self._expirer, self._presence_task, self._retention_task):
+        for task in (
+            self._sampler,
+            self._sweeper,
+            self._expirer,
+            self._presence_task,
+            self._retention_task,
+            self._keyring_task,
+        ):
             if task is not None:
                 task.cancel()
         await self.drain()

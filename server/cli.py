@@ -93,6 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings()
+    if not settings.hmac_enabled:
+        print(
+            "testpulse token: TESTPULSE_JWKS_URL is set without TESTPULSE_JWT_SECRET, so nodes accept only"
+            " the identity provider's tokens; get one from it",
+            file=sys.stderr,
+        )
+        return 2
     sessions = [s.strip() for s in args.sessions.split(",") if s.strip()] if args.sessions else None
     try:
         ttl = parse_ttl(args.ttl)

@@ -123,11 +123,36 @@ TOKEN_EXPIRIES = Counter(
     "testpulse_token_expiries_total", "Connections ended because their token expired without a refresh."
 )
 TOKEN_EXPIRING_SENT = Counter("testpulse_token_expiring_sent_total", "token_expiring warnings sent (once per token).")
+JWKS_REFRESHES = Counter(
+    "testpulse_jwks_refreshes_total",
+    "Fetches of the JWK Set (TESTPULSE_JWKS_URL) that succeeded, by trigger.",
+    ["trigger"],
+)
+JWKS_REFRESH_FAILURES = Counter(
+    "testpulse_jwks_refresh_failures_total",
+    "Fetches of the JWK Set that failed (the keys fetched before stay in use), by trigger.",
+    ["trigger"],
+)
+JWKS_LAST_SUCCESS = Gauge(
+    "testpulse_jwks_last_success_timestamp_seconds",
+    "Unix time of the last successful fetch of the JWK Set; 0 while none has succeeded.",
+)
+JWKS_KEYS = Gauge("testpulse_jwks_keys", "Keys (by kid) in the JWK Set this node holds now.")
 
 DISCONNECT_REASONS = ("client_disconnect", "server_disconnect", "ping_timeout", "transport_close", "transport_error")
 SERVER_DISCONNECT_REASONS = ("draining", "slow_consumer", "auth_expired", "forbidden", "auth_invalid")
-REFUSAL_CODES = ("auth_missing", "auth_invalid", "auth_expired", "rate_limited", "server_draining")
-REFRESH_OUTCOMES = ("ok", "auth_invalid", "auth_expired", "forbidden", "bad_request", "unauthorized", "rate_limited")
+REFUSAL_CODES = ("auth_missing", "auth_invalid", "auth_expired", "rate_limited", "server_draining", "unavailable")
+REFRESH_OUTCOMES = (
+    "ok",
+    "auth_invalid",
+    "auth_expired",
+    "forbidden",
+    "bad_request",
+    "unauthorized",
+    "rate_limited",
+    "unavailable",
+)
+JWKS_TRIGGERS = ("schedule", "unknown_kid")
 
 
 def initialize_series(events: list[str], outcomes: list[str]) -> None:
@@ -151,6 +176,9 @@ def initialize_series(events: list[str], outcomes: list[str]) -> None:
         RATE_LIMITED.labels(kind)
     for outcome in REFRESH_OUTCOMES:
         TOKEN_REFRESHES.labels(outcome)
+    for trigger in JWKS_TRIGGERS:
+        JWKS_REFRESHES.labels(trigger)
+        JWKS_REFRESH_FAILURES.labels(trigger)
     for event in (
         "connection_status",
         "test_session_update",

@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 from testpulse.urls import UrlError, normalise_database_url, normalise_redis_url
 
 DEV_JWT_SECRET = "testpulse-dev-secret-change-me-0123456789"
-SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")
+SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512")  # with TESTPULSE_JWT_SECRET
+JWKS_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")  # with TESTPULSE_JWKS_URL
+JWKS_SCHEMES = ("https://", "http://", "file://")
 TRANSPORTS = ("auto", "lean", "stock")  # server/transport/auto.py
 
 T = TypeVar("T")
@@ -34,10 +36,40 @@ class Settings:
     env: str = field(
         default="development", metadata={"doc": "`development` or `production`; production refuses unsafe values"}
     )
-    jwt_secret: str = field(default=DEV_JWT_SECRET, metadata={"doc": "HMAC secret that signs and verifies tokens"})
+    jwt_secret: str = field(
+        default=DEV_JWT_SECRET,
+        metadata={
+            "doc": "HMAC secret that signs and verifies tokens; when TESTPULSE_JWKS_URL is set and this is"
+            " left at its default, no HMAC token is accepted"
+        },
+    )
+    jwks_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "`https://`, `http://` or `file://` URL of the identity provider's JWK Set: RS256, RS384,"
+            " RS512, ES256, ES384 and EdDSA tokens are verified with the key named by their `kid`"
+        },
+    )
+    jwks_refresh_seconds: float = field(
+        default=300.0,
+        metadata={
+            "doc": "longest time between fetches of the JWK Set (a shorter Cache-Control max-age of its"
+            " response wins, down to 10 s); a token with an unknown `kid` fetches it at once, at most"
+            " every 10 s; while the provider is unreachable the keys fetched before stay in use"
+        },
+    )
     jwt_algorithms: tuple[str, ...] = field(
         default=("HS256",),
-        metadata={"doc": "accepted JWT algorithms, comma separated; tokens are signed with the first"},
+        metadata={
+            "doc": "accepted HMAC algorithms (HS256, HS384, HS512), comma separated; tokens are signed with the first"
+        },
+    )
+    cluster_secret: str | None = field(
+        default=None,
+        metadata={
+            "doc": "key that signs the messages nodes exchange through Redis; unset: derived from"
+            " TESTPULSE_JWT_SECRET. Set it (the same on every node) when only TESTPULSE_JWKS_URL verifies tokens"
+        },
     )
     jwt_audience: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `aud`"})
     jwt_issuer: str | None = field(default=None, metadata={"doc": "when set, tokens must carry this `iss`"})
@@ -159,6 +191,15 @@ class Settings:
                     object.__setattr__(self, name, normalise(raw.strip()))
 
     @property
+    def cluster_key_secret(self) -> str:
+        return self.cluster_secret or self.jwt_secret
+
+    @property
+    def hmac_enabled(self) -> bool:
+        """HMAC tokens are accepted unless a JWK Set is configured and no secret of one's own is."""
+        return self.jwks_url is None or self.jwt_secret != DEV_JWT_SECRET
+
+    @property
     def production(self) -> bool:
         return self.env == "production"
 
@@ -201,6 +242,10 @@ class Settings:
                 fail("jwt_algorithms", f"{alg!r} is not supported (use {', '.join(SUPPORTED_ALGORITHMS)})")
         if len(self.jwt_secret) < 32:
             fail("jwt_secret", "must be at least 32 characters")
+        if self.cluster_secret is not None and len(self.cluster_secret) < 32:
+            fail("cluster_secret", "must be at least 32 characters")
+        if self.jwks_url is not None and not self.jwks_url.startswith(JWKS_SCHEMES):
+            fail("jwks_url", f"must start with {', '.join(JWKS_SCHEMES)}, got {self.jwks_url!r}")
         for name, normalise in (("database_url", normalise_database_url), ("redis_url", normalise_redis_url)):
             if getattr(self, name) is not None:
                 try:
@@ -231,6 +276,7 @@ class Settings:
             "write_timeout_seconds",
             "retention_batch_rows",
             "retention_check_seconds",
+            "jwks_refresh_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -250,8 +296,11 @@ class Settings:
         if not self.node_id or len(self.node_id) > 64:
             fail("node_id", "must be 1 to 64 characters")
         if self.production:
-            if self.jwt_secret == DEV_JWT_SECRET:
+            if self.hmac_enabled and self.jwt_secret == DEV_JWT_SECRET:
                 fail("jwt_secret", "the development default is refused in production; set a secret of your own")
+            if self.redis_url is not None and self.cluster_key_secret == DEV_JWT_SECRET:
+                # Only a key set verifies tokens, so no secret of one's own keys the cross-node messages.
+                fail("cluster_secret", "a cluster on Redis needs it in production when no TESTPULSE_JWT_SECRET is set")
             if not self.allowed_origins:
                 fail("allowed_origins", "an empty origin list is refused in production")
             if "*" in self.allowed_origins:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import jwt
 
+from testpulse.domain.keyring import KEY_TYPES, KeyRefused, Keyring, KeysUnavailable
 from testpulse.domain.protocol import ErrorCode, ProtocolError
 from testpulse.settings import Settings
 
@@ -63,24 +64,57 @@ class Principal:
 
 
 class TokenVerifier:
-    def __init__(self, settings: Settings) -> None:
+    """Verifies HMAC tokens with TESTPULSE_JWT_SECRET and, given a keyring, the identity provider's
+    tokens with the JWK Set key their `kid` names. The header's `alg` chooses which, and only among
+    the algorithms configured: an HMAC token is never checked against a JWKS key, nor the reverse."""
+
+    def __init__(self, settings: Settings, keyring: Keyring | None = None) -> None:
         self._secret = settings.jwt_secret
-        self._algorithms = list(settings.jwt_algorithms)
+        self._hmac = frozenset(settings.jwt_algorithms) if settings.hmac_enabled else frozenset()
+        self._keyring = keyring
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway_seconds
 
-    def verify(self, token: object) -> Principal:
+    async def verify(self, token: object) -> Principal:
         if token is None or token == "":
             raise AuthError("auth_missing", "no token: send auth={'token': ...} or an Authorization: Bearer header")
         if not isinstance(token, str) or len(token) > 8192:
             raise AuthError("auth_invalid", "token must be a JWT string")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise AuthError("auth_invalid", f"token is invalid: {exc}") from None
+        alg = header.get("alg")
+        key: object
+        if isinstance(alg, str) and alg in self._hmac:
+            key = self._secret
+        elif isinstance(alg, str) and alg in KEY_TYPES and self._keyring is not None:
+            key = await self._provider_key(header.get("kid"), alg)
+        else:
+            raise AuthError("auth_invalid", "token algorithm is not accepted")
+        return _principal_from(self._decode(token, key, alg))
+
+    async def _provider_key(self, kid: object, alg: str) -> object:
+        assert self._keyring is not None
+        try:
+            found = await self._keyring.key_for(kid)
+        except KeysUnavailable as exc:
+            raise AuthError("unavailable", f"{exc}; retry shortly") from None
+        except KeyRefused as exc:
+            raise AuthError("auth_invalid", str(exc)) from None
+        refusal = found.refusal(alg)
+        if refusal is not None:
+            raise AuthError("auth_invalid", refusal)
+        return found.key
+
+    def _decode(self, token: str, key: object, alg: str) -> dict[str, object]:
         options = {"require": ["exp", "sub", "role"], "verify_aud": self._audience is not None}
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
-                self._secret,
-                algorithms=self._algorithms,
+                key,  # type: ignore[arg-type]
+                algorithms=[alg],
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
@@ -100,7 +134,6 @@ class TokenVerifier:
             raise AuthError("auth_invalid", "token algorithm is not accepted") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError("auth_invalid", f"token is invalid: {exc}") from None
-        return _principal_from(claims)
 
 
 def _principal_from(claims: dict[str, object]) -> Principal:
@@ -141,7 +174,7 @@ def issue_token(
     sessions: Iterable[str] | None = None,
     now: float | None = None,
 ) -> str:
-    """Sign a token the way `testpulse token` and the tests obtain one."""
+    """Sign a token the way `testpulse token` and the tests obtain one (HMAC, TESTPULSE_JWT_SECRET)."""
     if role not in Role.__members__.values():
         raise ValueError(f"role must be one of {', '.join(r.value for r in Role)}")
     issued = time.time() if now is None else now

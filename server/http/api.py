@@ -116,9 +116,9 @@ class HttpApi:
                 header = request.headers.get("authorization", "")
                 token = header[7:].strip() if header[:7].lower() == "bearer " else None
                 try:
-                    principal = self.verifier.verify(token)
+                    principal = await self.verifier.verify(token)
                 except AuthError as exc:
-                    return error_response(exc.code, exc.message, 401)
+                    return error_response(exc.code, exc.message, 503 if exc.code == "unavailable" else 401)
                 response = await endpoint(request, principal)
                 metrics.EVENTS_RECEIVED.labels(f"http_{name}", "ok").inc()
                 return response

@@ -272,7 +272,7 @@ class Realtime:
 
     async def connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         try:
-            principal = self._admit(environ, auth)
+            principal = await self._admit(environ, auth)
         except Refused as exc:
             metrics.CONNECT_REFUSED.labels(exc.error_args["code"]).inc()
             raise
@@ -296,7 +296,7 @@ class Realtime:
             scope["headers"] = []
         environ.clear()
 
-    def _admit(self, environ: dict[str, Any], auth: Any) -> Principal:
+    async def _admit(self, environ: dict[str, Any], auth: Any) -> Principal:
         if self.is_draining():
             raise Refused("server_draining", "this node is draining; reconnect to another node")
         if not self._handshakes.allow(client_address(environ)):
@@ -306,7 +306,7 @@ class Realtime:
         if token is None:
             token = bearer_token(environ.get("HTTP_AUTHORIZATION"))
         try:
-            return self.verifier.verify(token)
+            return await self.verifier.verify(token)
         except AuthError as exc:
             raise Refused(exc.code, exc.message) from None
 
@@ -563,11 +563,12 @@ class Realtime:
         return {"presence": await self.presence.answer(req.session_id)}
 
     async def refresh_token(self, sid: str, conn: Connection, payload: Any) -> dict[str, Any]:
-        """PROTOCOL.md 1.1 token refresh. Nothing here awaits before the new principal is in place,
-        so the once-a-second expiry pass sees either the old token or the new one, never a mix;
-        a failure changes nothing."""
+        """PROTOCOL.md 1.1 token refresh. Nothing awaits between the check that the connection has
+        not expired (after verification, which may fetch a JWK Set) and the new principal being in
+        place, so the once-a-second expiry pass sees either the old token or the new one, never a
+        mix; a failure changes nothing."""
         try:
-            principal = self._refreshed(conn, payload)
+            principal = await self._refreshed(conn, payload)
         except ProtocolError as exc:
             metrics.TOKEN_REFRESHES.labels(exc.code.value).inc()
             raise
@@ -586,13 +587,13 @@ class Realtime:
         self._warn_if_due(sid, conn, time.time())
         return {"expires_at": _iso_epoch(principal.expires_at)}
 
-    def _refreshed(self, conn: Connection, payload: Any) -> Principal:
+    async def _refreshed(self, conn: Connection, payload: Any) -> Principal:
         req = RefreshRequest.parse(payload)
         try:
-            principal = self.verifier.verify(req.token)
+            principal = await self.verifier.verify(req.token)
         except AuthError as exc:
-            code = ErrorCode.AUTH_EXPIRED if exc.code == "auth_expired" else ErrorCode.AUTH_INVALID
-            raise ProtocolError(code, exc.message) from None
+            codes = {"auth_expired": ErrorCode.AUTH_EXPIRED, "unavailable": ErrorCode.UNAVAILABLE}
+            raise ProtocolError(codes.get(exc.code, ErrorCode.AUTH_INVALID), exc.message) from None
         if principal.sub != conn.principal.sub:
             raise ProtocolError(ErrorCode.FORBIDDEN, "the new token is for another sub than this connection's")
         if conn.expired:

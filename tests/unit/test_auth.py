@@ -38,31 +38,31 @@ def unsigned(body: dict[str, Any]) -> str:
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(body)}."
 
 
-def refusal(token: object, settings: Settings = SETTINGS) -> str:
+async def refusal(token: object, settings: Settings = SETTINGS) -> str:
     with pytest.raises(AuthError) as caught:
-        TokenVerifier(settings).verify(token)
+        await TokenVerifier(settings).verify(token)
     assert caught.value.message
     return caught.value.code
 
 
-def test_unicode_subject_is_accepted() -> None:
-    assert TokenVerifier(SETTINGS).verify(sign(claims(sub="zoë@例え.jp"))).sub == "zoë@例え.jp"
+async def test_unicode_subject_is_accepted() -> None:
+    assert (await TokenVerifier(SETTINGS).verify(sign(claims(sub="zoë@例え.jp")))).sub == "zoë@例え.jp"
 
 
-def test_valid_token_becomes_a_principal() -> None:
+async def test_valid_token_becomes_a_principal() -> None:
     exp = int(time.time()) + 300
-    principal = TokenVerifier(SETTINGS).verify(sign(claims(role="operator", exp=exp, sessions=["a", "b"])))
+    principal = await TokenVerifier(SETTINGS).verify(sign(claims(role="operator", exp=exp, sessions=["a", "b"])))
     assert principal == Principal("alice", Role.OPERATOR, frozenset({"a", "b"}), float(exp))
 
 
-def test_token_without_sessions_claim_may_touch_every_session() -> None:
-    principal = TokenVerifier(SETTINGS).verify(sign(claims()))
+async def test_token_without_sessions_claim_may_touch_every_session() -> None:
+    principal = await TokenVerifier(SETTINGS).verify(sign(claims()))
     assert principal.sessions is None and principal.may_touch("anything")
 
 
 @pytest.mark.parametrize("token", [None, ""], ids=["none", "empty"])
-def test_missing_token_is_auth_missing(token: object) -> None:
-    assert refusal(token) == "auth_missing"
+async def test_missing_token_is_auth_missing(token: object) -> None:
+    assert await refusal(token) == "auth_missing"
 
 
 @pytest.mark.parametrize(
@@ -77,54 +77,54 @@ def test_missing_token_is_auth_missing(token: object) -> None:
     ],
     ids=["garbage", "three-parts", "number", "list", "dict", "too-long"],
 )
-def test_malformed_token_is_auth_invalid(token: object) -> None:
-    assert refusal(token) == "auth_invalid"
+async def test_malformed_token_is_auth_invalid(token: object) -> None:
+    assert await refusal(token) == "auth_invalid"
 
 
-def test_expired_token_is_auth_expired() -> None:
-    assert refusal(sign(claims(exp=int(time.time()) - 5))) == "auth_expired"
+async def test_expired_token_is_auth_expired() -> None:
+    assert await refusal(sign(claims(exp=int(time.time()) - 5))) == "auth_expired"
 
 
-def test_token_not_yet_valid_is_auth_invalid() -> None:
-    assert refusal(sign(claims(nbf=int(time.time()) + 60))) == "auth_invalid"
+async def test_token_not_yet_valid_is_auth_invalid() -> None:
+    assert await refusal(sign(claims(nbf=int(time.time()) + 60))) == "auth_invalid"
 
 
-def test_token_issued_in_the_future_is_auth_invalid() -> None:
-    assert refusal(sign(claims(iat=int(time.time()) + 600))) == "auth_invalid"
+async def test_token_issued_in_the_future_is_auth_invalid() -> None:
+    assert await refusal(sign(claims(iat=int(time.time()) + 600))) == "auth_invalid"
 
 
-def test_leeway_tolerates_small_clock_skew() -> None:
+async def test_leeway_tolerates_small_clock_skew() -> None:
     lenient = Settings(jwt_secret=SECRET, jwt_leeway_seconds=30)
-    TokenVerifier(lenient).verify(sign(claims(exp=int(time.time()) - 5)))
+    await TokenVerifier(lenient).verify(sign(claims(exp=int(time.time()) - 5)))
 
 
-def test_alg_none_is_refused() -> None:
-    assert refusal(unsigned(claims())) == "auth_invalid"
+async def test_alg_none_is_refused() -> None:
+    assert await refusal(unsigned(claims())) == "auth_invalid"
 
 
 @pytest.mark.parametrize("alg", ["HS384", "HS512"])
-def test_algorithm_not_configured_is_refused(alg: str) -> None:
-    assert refusal(sign(claims(), alg=alg)) == "auth_invalid"
+async def test_algorithm_not_configured_is_refused(alg: str) -> None:
+    assert await refusal(sign(claims(), alg=alg)) == "auth_invalid"
 
 
-def test_configured_algorithm_is_accepted() -> None:
+async def test_configured_algorithm_is_accepted() -> None:
     both = Settings(jwt_secret=SECRET, jwt_algorithms=("HS256", "HS512"))
-    assert TokenVerifier(both).verify(sign(claims(), alg="HS512")).sub == "alice"
+    assert (await TokenVerifier(both).verify(sign(claims(), alg="HS512"))).sub == "alice"
 
 
-def test_bad_signature_is_auth_invalid() -> None:
-    assert refusal(sign(claims(), key="another-secret-" + "0123456789abcdef" * 4)) == "auth_invalid"
+async def test_bad_signature_is_auth_invalid() -> None:
+    assert await refusal(sign(claims(), key="another-secret-" + "0123456789abcdef" * 4)) == "auth_invalid"
 
 
-def test_tampered_payload_is_auth_invalid() -> None:
+async def test_tampered_payload_is_auth_invalid() -> None:
     header, _, signature = sign(claims()).split(".")
     body = base64.urlsafe_b64encode(json.dumps(claims(role="admin")).encode()).rstrip(b"=").decode()
-    assert refusal(f"{header}.{body}.{signature}") == "auth_invalid"
+    assert await refusal(f"{header}.{body}.{signature}") == "auth_invalid"
 
 
 @pytest.mark.parametrize("claim", ["sub", "role", "exp"])
-def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
-    assert refusal(sign(claims(**{claim: ...}))) == "auth_invalid"
+async def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
+    assert await refusal(sign(claims(**{claim: ...}))) == "auth_invalid"
 
 
 @pytest.mark.parametrize(
@@ -150,30 +150,30 @@ def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
         "sessions-numbers",
     ],
 )
-def test_claim_of_the_wrong_shape_is_auth_invalid(override: dict[str, Any]) -> None:
-    assert refusal(sign(claims(**override))) == "auth_invalid"
+async def test_claim_of_the_wrong_shape_is_auth_invalid(override: dict[str, Any]) -> None:
+    assert await refusal(sign(claims(**override))) == "auth_invalid"
 
 
 AUDIENCE_SETTINGS = Settings(jwt_secret=SECRET, jwt_audience="testpulse")
 
 
-def test_configured_audience_is_required() -> None:
-    assert refusal(sign(claims()), AUDIENCE_SETTINGS) == "auth_invalid"
-    assert refusal(sign(claims(aud="someone-else")), AUDIENCE_SETTINGS) == "auth_invalid"
-    assert TokenVerifier(AUDIENCE_SETTINGS).verify(sign(claims(aud="testpulse"))).sub == "alice"
+async def test_configured_audience_is_required() -> None:
+    assert await refusal(sign(claims()), AUDIENCE_SETTINGS) == "auth_invalid"
+    assert await refusal(sign(claims(aud="someone-else")), AUDIENCE_SETTINGS) == "auth_invalid"
+    assert (await TokenVerifier(AUDIENCE_SETTINGS).verify(sign(claims(aud="testpulse")))).sub == "alice"
 
 
-def test_configured_issuer_is_required() -> None:
+async def test_configured_issuer_is_required() -> None:
     issuer = Settings(jwt_secret=SECRET, jwt_issuer="https://idp.example")
-    assert refusal(sign(claims()), issuer) == "auth_invalid"
-    assert refusal(sign(claims(iss="https://evil.example")), issuer) == "auth_invalid"
-    assert TokenVerifier(issuer).verify(sign(claims(iss="https://idp.example"))).sub == "alice"
+    assert await refusal(sign(claims()), issuer) == "auth_invalid"
+    assert await refusal(sign(claims(iss="https://evil.example")), issuer) == "auth_invalid"
+    assert (await TokenVerifier(issuer).verify(sign(claims(iss="https://idp.example")))).sub == "alice"
 
 
 @pytest.mark.parametrize("settings", [SETTINGS, AUDIENCE_SETTINGS], ids=["plain", "audience"])
-def test_issued_tokens_verify_with_the_same_settings(settings: Settings) -> None:
+async def test_issued_tokens_verify_with_the_same_settings(settings: Settings) -> None:
     token = issue_token(settings, role="detector", sub="cam-1", ttl_seconds=60, sessions=["s1"])
-    principal = TokenVerifier(settings).verify(token)
+    principal = await TokenVerifier(settings).verify(token)
     assert (principal.sub, principal.role, principal.sessions) == ("cam-1", Role.DETECTOR, frozenset({"s1"}))
 
 
