@@ -157,8 +157,8 @@ class Cluster:
         self.processes[name] = proc
         return proc
 
-    def _start_redis(self, deadline: float) -> str:
-        port = free_port()
+    def _start_redis(self, deadline: float, port: int | None = None) -> str:
+        port = port or free_port()
         assert self.run_dir is not None
         proc = self._spawn(
             "redis",
@@ -288,6 +288,16 @@ class Cluster:
         terminate(self.processes[node_id], grace)
         self._start_node(spec)
         wait_http_ok(f"{spec.url}/ready", time.monotonic() + timeout, self.processes[node_id])
+
+    def restart_redis(self, grace: float = 5.0, timeout: float = 30.0) -> None:
+        """Stop the cluster's redis-server and start it again on the same port, empty (it keeps
+        nothing on disk): what nodes meet when Redis is restarted under them."""
+        proc = self.processes.get("redis")
+        if proc is None or self.redis_url is None:
+            raise ClusterError("this cluster did not start its own redis-server")
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+        terminate(proc, grace)
+        self._start_redis(time.monotonic() + timeout, port)
 
     def dead_children(self) -> list[str]:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]

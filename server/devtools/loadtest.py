@@ -27,8 +27,11 @@ from typing import Any
 
 from testpulse.devtools.children import ClusterError, free_port
 from testpulse.devtools.cluster import Cluster, terminate
+from testpulse.devtools.soak import Conductor
+from testpulse.devtools.soak import Plan as SoakPlan
 
-SCENARIOS = ("storm", "fanout", "reconnect", "steady")
+SCENARIOS = ("storm", "fanout", "reconnect", "steady", "soak")
+SOAK_RUN_TIME = 4 * 3600.0  # soak --run-time default
 # Beyond --run-time a run spends the ramp, the drain (bounded by --drain-timeout, 20 s by default)
 # and a few bounded waits; past this margin it is stuck and is stopped.
 OVERRUN_SECONDS = 150.0
@@ -223,6 +226,21 @@ def run_locust(args: argparse.Namespace, argv: list[str], results: Path, sampler
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.run_time is None:
+        args.run_time = SOAK_RUN_TIME if args.scenario == "soak" else 30.0
+    soak_plan = SoakPlan(
+        run_time=args.run_time,
+        restart_every=args.restart_every,
+        redis_restart_at=None if args.redis_restart_at in ("off", "none") else float(args.redis_restart_at),
+        sample_every=args.sample_every,
+    )
+    if args.scenario == "soak":
+        problem = soak_plan.validate()
+        if args.target:
+            problem = "soak restarts nodes and Redis: it runs on its own local cluster, not --target"
+        if problem:
+            print(f"testpulse loadtest soak: {problem}", file=sys.stderr)
+            return 2
     if args.users < 1 or args.spawn_rate <= 0 or args.run_time <= 0:
         print("testpulse loadtest: --users, --spawn-rate and --run-time must be positive", file=sys.stderr)
         return 2
@@ -273,7 +291,17 @@ def run(args: argparse.Namespace) -> int:
                 sampler.watch(name, proc.pid)
             nodes = ", ".join(f"{n['id']} (pid {n['pid']})" for n in cluster.describe()["nodes"])
             print(f"testpulse loadtest: cluster up at {target}: {nodes}", flush=True)
+        conductor = None
+        soak_problems: list[str] = []
+        if args.scenario == "soak" and cluster is not None:
+            conductor = Conductor(cluster, soak_plan, results, lambda line: print(line, flush=True))
+            conductor.start()
         code = run_locust(args, locust_argv(args, target, results, cluster_json), results, sampler)
+        if conductor is not None:
+            summary_path = results / "summary.json"
+            report = conductor.finish(json.loads(summary_path.read_text()) if summary_path.exists() else None)
+            print((results / "soak.txt").read_text(), flush=True)
+            soak_problems = report["verdict"]["problems"]
         resources = sampler.stop()
         (results / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
         print(f"testpulse loadtest: {describe_cpu(resources)}", flush=True)
@@ -281,10 +309,10 @@ def run(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.stop()
         signal.signal(signal.SIGINT, previous)
-    return verdict(args.scenario, results, code, interrupted)
+    return verdict(args.scenario, results, code, interrupted, soak_problems)
 
 
-def verdict(scenario: str, results: Path, code: int, interrupted: bool) -> int:
+def verdict(scenario: str, results: Path, code: int, interrupted: bool, problems: list[str] | None = None) -> int:
     summary_path = results / "summary.json"
     if not summary_path.exists():
         print(f"testpulse loadtest {scenario}: no summary (Locust exited with {code}); see {results}", flush=True)
@@ -294,12 +322,14 @@ def verdict(scenario: str, results: Path, code: int, interrupted: bool) -> int:
     if failed:
         names = "; ".join(f"{o['name']} = {o['value']} (limit {o['limit']}) {o['detail']}".strip() for o in failed)
         print(f"testpulse loadtest {scenario}: FAILED objective(s): {names}", flush=True)
+    elif problems:
+        print(f"testpulse loadtest {scenario}: FAILED: {'; '.join(problems)}", flush=True)
     elif interrupted:
         print(f"testpulse loadtest {scenario}: interrupted", flush=True)
     else:
         print(f"testpulse loadtest {scenario}: PASSED, every objective held", flush=True)
     print(f"testpulse loadtest: report {results / 'report.html'}, CSV {results / 'stats_*.csv'}", flush=True)
-    if failed or interrupted:
+    if failed or problems or interrupted:
         return code or 1
     return code
 
@@ -314,7 +344,17 @@ def register(commands: Any) -> None:
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--users", type=int, default=50, help="users in total (viewers + detectors + operators)")
     parser.add_argument("--spawn-rate", type=float, default=50.0, help="users started per second")
-    parser.add_argument("--run-time", type=parse_duration, default=30.0, help="ramp + main phase, e.g. 45s, 2m")
+    parser.add_argument(
+        "--run-time", type=parse_duration, default=None, help="ramp + main phase, e.g. 45s, 2m (default 30s; soak: 4h)"
+    )
+    soak = parser.add_argument_group("soak", "the soak scenario's schedule and report (soak.json, soak.txt)")
+    soak.add_argument(
+        "--restart-every", type=parse_duration, default=600.0, help="drain and restart a node this often (0: never)"
+    )
+    soak.add_argument(
+        "--redis-restart-at", default="0.5", help="restart Redis once, at this fraction of the run (off: never)"
+    )
+    soak.add_argument("--sample-every", type=parse_duration, default=60.0, help="resource sampling interval")
     parser.add_argument("--target", default=None, help="proxy URL of a running cluster (default: start one)")
     parser.add_argument("--cluster-json", default=None, help="with --target: `testpulse cluster --json` output")
     parser.add_argument("--nodes", type=int, default=3, help="nodes of the local cluster")
