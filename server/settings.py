@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -258,6 +259,10 @@ class Settings:
         ):
             # Each connection to an in-memory SQLite is a database of its own; a node has several.
             fail("database_url", "SQLite needs a file path, e.g. sqlite:///./testpulse.db")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f.name, f"must be a finite number, got {value!r}")
         positive = (
             "max_payload_bytes",
             "rate_limit_per_second",
@@ -314,9 +319,12 @@ def env_name(field_name: str) -> str:
 def _number(kind: Callable[[str], T]) -> Callable[[str, str], T]:
     def parse(name: str, raw: str) -> T:
         try:
-            return kind(raw)
+            value = kind(raw)
         except ValueError:
             raise SettingsError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{name}: expected a finite number, got {raw!r}")
+        return value
 
     return parse
 

@@ -7,7 +7,7 @@ message that lists what is accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 DATABASE_FORMS = (
     "postgresql://",
@@ -112,17 +112,12 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     a Sentinel asked for a master it does not watch only answers "no such master"."""
     if _scheme(url) not in _SENTINEL_SCHEMES:
         raise UrlError(f"{_shown(url)} is not a Sentinel URL; the form is {SENTINEL_SHAPE}")
-    parts = urlsplit(url)
+    parts = _split(url, SENTINEL_SHAPE)
     credentials, _, hosts = parts.netloc.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for host_port in hosts.split(","):
-        host, _, port = host_port.rpartition(":")
-        if not host or not port.isdigit():
-            raise UrlError(f"Sentinel address {host_port!r} needs host:port; the form is {SENTINEL_SHAPE}")
-        sentinels.append((host.strip("[]"), int(port)))
+    sentinels = [_address(host_port, "Sentinel address", SENTINEL_SHAPE) for host_port in hosts.split(",")]
     segments = [segment for segment in parts.path.split("/") if segment]
-    numbers = [segment for segment in segments if segment.isdigit()]
-    names = [segment for segment in segments if not segment.isdigit()]
+    numbers = [segment for segment in segments if _is_number(segment)]
+    names = [segment for segment in segments if not _is_number(segment)]
     if len(names) != 1 or len(numbers) > 1:
         raise UrlError(f"{_shown(url)} must name one Sentinel service (the master's name): {SENTINEL_SHAPE}")
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
@@ -154,16 +149,11 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     Cluster has only database 0, so a path is refused rather than silently ignored."""
     if not is_cluster_url(url):
         raise UrlError(f"{_shown(url)} is not a Redis Cluster URL; the form is {CLUSTER_SHAPE}")
-    parts = urlsplit(url)
+    parts = _split(url, CLUSTER_SHAPE)
     if parts.path.strip("/") not in ("", "0") or parts.query:
         raise UrlError(f"{_shown(url)}: a Redis Cluster URL takes no database or options; the form is {CLUSTER_SHAPE}")
     credentials, _, hosts = parts.netloc.rpartition("@")
-    seeds: list[tuple[str, int]] = []
-    for host_port in hosts.split(","):
-        host, _, port = host_port.rpartition(":")
-        if not host or not port.isdigit():
-            raise UrlError(f"Redis Cluster seed {host_port!r} needs host:port; the form is {CLUSTER_SHAPE}")
-        seeds.append((host.strip("[]"), int(port)))
+    seeds = [_address(host_port, "Redis Cluster seed", CLUSTER_SHAPE) for host_port in hosts.split(",")]
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
     return ClusterTarget(
         seeds=tuple(seeds),
@@ -171,6 +161,28 @@ def parse_cluster_url(url: str) -> ClusterTarget:
         username=unquote(username) or None,
         password=unquote(password) or None,
     )
+
+
+def _split(url: str, shape: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": a bracket without its pair
+        raise UrlError(f"{_shown(url)}: {exc}; the form is {shape}") from None
+
+
+def _is_number(text: str) -> bool:
+    # isascii: str.isdigit() also takes "²", which int() refuses, and other scripts' digits.
+    return text.isascii() and text.isdigit()
+
+
+def _address(host_port: str, what: str, shape: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port`, the port from 1 to 65535."""
+    host, _, port = host_port.rpartition(":")
+    if host.startswith("[") != host.endswith("]") or host in ("", "[]"):
+        raise UrlError(f"{what} {host_port!r} needs host:port (an IPv6 host in brackets); the form is {shape}")
+    if not _is_number(port) or not 1 <= int(port) <= 65535:
+        raise UrlError(f"{what} {host_port!r} needs a port from 1 to 65535; the form is {shape}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _shown(url: str) -> str:

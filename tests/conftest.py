@@ -11,9 +11,24 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 from support.client import Client
 from support.nodes import AUDIENCE, Connect, NodeUnderTest, node_with
 from support.processes import throwaway_postgres
+
+# Hypothesis profiles of the property and fuzz tests (tests/unit/test_properties_*.py,
+# tests/security/test_wire_fuzz.py): `ci`, the default, is bounded and derandomized so a run takes
+# seconds and fails the same way twice; HYPOTHESIS_PROFILE=soak runs many more examples, randomized.
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "soak",
+    max_examples=5000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

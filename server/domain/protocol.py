@@ -16,6 +16,9 @@ LABEL_MAX = 128
 REASON_MAX = 500
 DETECTION_ID_MAX = 64
 JSON_OBJECT_MAX_BYTES = 16 * 1024
+# `config` and `attributes` nest at most this deep: stdlib json overflows the stack near a thousand
+# levels (small enough for the 16 KiB limit) and orjson refuses to write past 254.
+JSON_DEPTH_MAX = 64
 BATCH_MAX = 1000
 BATCH_WINDOW_MAX_MS = 1000
 ISO_TIME_MAX = 64
@@ -144,6 +147,8 @@ def _json_object(data: dict[str, Any], field: str) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise bad(field, "must be a JSON object")
+    if _deeper_than(value, JSON_DEPTH_MAX):
+        raise bad(field, f"must be nested at most {JSON_DEPTH_MAX} levels deep")
     try:
         # Measured as UTF-8 JSON, the way clients send it; ASCII escapes would count "é" as 6 bytes.
         encoded = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
@@ -152,6 +157,22 @@ def _json_object(data: dict[str, Any], field: str) -> dict[str, Any] | None:
     if len(encoded) > JSON_OBJECT_MAX_BYTES:
         raise bad(field, f"must be at most {JSON_OBJECT_MAX_BYTES} bytes encoded")
     return value
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest in `value` more than `limit` levels (no recursion of its own)."""
+    level: list[object] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 # ---- requests ------------------------------------------------------------------------------

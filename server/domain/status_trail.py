@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+CREATED = "created"  # the status a session starts in, never the target of a transition
 HISTORY_MAX = 32  # delivered updates remembered per session, to recognise late or re-sent ones
 
 
@@ -88,6 +89,10 @@ class StatusTrail:
         for index in range(len(trail) - 1, -1, -1):
             if _key(trail[index]) == (self.status, self.updated_at):
                 return [dict(u) for u in trail[index + 1 :]]
+        if self.status == CREATED:
+            # The creation is no transition (the audit trail's first is `created -> running`): a
+            # node that delivered nothing since `created` missed every one of them.
+            return [dict(u) for u in trail]
         if trail and _key(trail[-1]) != (self.status, self.updated_at):
             last = dict(trail[-1])
             last["previous_status"] = self.status

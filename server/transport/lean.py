@@ -237,6 +237,14 @@ class NodeSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 "%s: closing after a malformed polling payload (%s: %s)", self.sid, type(exc).__name__, str(exc)[:120]
             )
             await self.close(wait=False, reason=self.server.reason.TRANSPORT_ERROR)
+        except (engineio.exceptions.UnknownPacketError, IndexError):
+            # A packet a client may not send (OPEN, PING, NOOP; IndexError: a type past 6, which
+            # python-engineio's log line indexes). python-engineio would answer 400 only after a
+            # close(wait=True), which holds this POST until a GET takes the CLOSE packet: with no
+            # GET in flight, forever. Close without waiting; the server's disconnect is then a no-op.
+            log.warning("%s: closing after a polling packet a client may not send", self.sid)
+            await self.close(wait=False, reason=self.server.reason.TRANSPORT_ERROR)
+            raise engineio.exceptions.UnknownPacketError() from None
 
     async def send(self, pkt: Any) -> None:
         # python-engineio's, without building an info-log line's arguments for every packet.

@@ -106,3 +106,8 @@ def test_a_time_the_node_never_sent_picks_the_changes_after_it() -> None:
     ]
     assert replay_for(trail, "2026-01-01T00:00:02.000Z", ("paused", "2026-01-01T00:00:03.000Z")) == [trail[1]]
     assert replay_for(trail, "2026-01-01T00:00:05+00:00", ("paused", "2026-01-01T00:00:03.000Z")) == []
+
+
+def test_missed_while_still_created_lists_every_transition() -> None:
+    # Found by test_properties_ordering.py: watched while `created`, start and pause both lost.
+    assert trail_at().missed([START, PAUSE]) == [START, PAUSE]
