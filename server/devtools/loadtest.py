@@ -228,10 +228,15 @@ def run_locust(args: argparse.Namespace, argv: list[str], results: Path, sampler
 def run(args: argparse.Namespace) -> int:
     if args.run_time is None:
         args.run_time = SOAK_RUN_TIME if args.scenario == "soak" else 30.0
+    try:
+        redis_restart_at = None if args.redis_restart_at in ("off", "none") else float(args.redis_restart_at)
+    except ValueError:
+        print("testpulse loadtest: --redis-restart-at must be a fraction of the run or off", file=sys.stderr)
+        return 2
     soak_plan = SoakPlan(
         run_time=args.run_time,
         restart_every=args.restart_every,
-        redis_restart_at=None if args.redis_restart_at in ("off", "none") else float(args.redis_restart_at),
+        redis_restart_at=redis_restart_at,
         sample_every=args.sample_every,
     )
     if args.scenario == "soak":
