@@ -1,4 +1,4 @@
-"""`python -m loadtests.bench node|cluster|churn|capacity-costs|capacity-check|store`: benchmark commands
+"""`python -m loadtests.bench node|cluster|churn|capacity-costs|capacity-check|store|connections`: benchmark commands
 (see loadtests/README.md)."""
 
 from __future__ import annotations
@@ -8,7 +8,15 @@ import asyncio
 import contextlib
 import sys
 
-from loadtests.bench import capacity_check, capacity_costs, churn_bench, cluster_bench, node_bench, store_bench
+from loadtests.bench import (
+    capacity_check,
+    capacity_costs,
+    churn_bench,
+    cluster_bench,
+    connections,
+    node_bench,
+    store_bench,
+)
 from loadtests.bench.loadgen import install_uvloop, raise_fd_limit
 from loadtests.bench.postgres import throwaway_postgres
 
@@ -22,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     capacity_costs.register(commands)
     capacity_check.register(commands)
     store_bench.register(commands)
+    connections.register(commands)
     args = parser.parse_args(argv)
     raise_fd_limit()
     install_uvloop()

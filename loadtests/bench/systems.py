@@ -279,7 +279,8 @@ class _ClusterSystem(System):
 class TestpulseCluster(_ClusterSystem):
     kind = "testpulse"
 
-    def __init__(self, nodes: int, database_url: str | None = None) -> None:
+    def __init__(self, nodes: int, database_url: str | None = None, **options: Any) -> None:
+        """`options`: more Cluster fields (handshake_rate, connections_per_ip, upstream_sources)."""
         run_dir = Path(tempfile.mkdtemp(prefix="testpulse-bench-cluster-"))
         self.cluster = Cluster(
             nodes=nodes,
@@ -287,6 +288,7 @@ class TestpulseCluster(_ClusterSystem):
             database_url=database_url or sqlite_url(run_dir),
             run_dir=run_dir,
             node_env=dict(BENCH_NODE_ENV),
+            **options,
         )
         self.cluster.start()
         self._started()

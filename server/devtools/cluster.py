@@ -49,8 +49,13 @@ def render_nginx_conf(
     port: int,
     handshake_rate: int | None = None,
     connections_per_ip: int | None = None,
+    upstream_sources: list[str] | None = None,
 ) -> str:
-    """The repo's nginx.conf for these nodes and this port; only the marked parts change."""
+    """The repo's nginx.conf for these nodes and this port; only the marked parts change.
+
+    `upstream_sources`: local addresses nginx binds its connections to the nodes to, spread by
+    client address and port. One source address reaches one node address with at most
+    ip_local_port_range's ports (~28k by default); more sources hold more proxied WebSockets."""
     servers = "".join(f"        server 127.0.0.1:{n.port} max_fails=1 fail_timeout=5s;\n" for n in nodes)
     lines = [
         "    upstream testpulse_nodes {",
@@ -70,6 +75,11 @@ def render_nginx_conf(
     lines += ["    map $arg_sid $testpulse_upstream {", "        default         testpulse_nodes;"]
     lines += [f'        "~^{re.escape(n.node_id)}\\."     testpulse_{n.node_id};' for n in nodes]
     lines += ["    }"]
+    if upstream_sources:
+        share = 100.0 / len(upstream_sources)
+        lines += ['    split_clients "$remote_addr:$remote_port" $testpulse_upstream_source {']
+        lines += [f"        {share:.2f}% {a};" for a in upstream_sources[:-1]]
+        lines += [f"        * {upstream_sources[-1]};", "    }", "    proxy_bind $testpulse_upstream_source;"]
     block = "\n".join(lines) + "\n"
     rendered, count = NODES_BLOCK.subn(lambda m: m.group(1) + block + m.group(2), template)
     if count != 1:
@@ -110,6 +120,7 @@ class Cluster:
     run_dir: Path | None = None
     handshake_rate: int | None = None
     connections_per_ip: int | None = None
+    upstream_sources: list[str] | None = None
     with_prometheus: bool = False
     prometheus_port: int | None = None
     node_env: dict[str, str] = field(default_factory=dict)
@@ -215,6 +226,7 @@ class Cluster:
             port=self.port,
             handshake_rate=self.handshake_rate,
             connections_per_ip=self.connections_per_ip,
+            upstream_sources=self.upstream_sources,
         )
         temp_paths = "".join(
             f"{kind}_temp_path {prefix / 'temp' / kind};"
