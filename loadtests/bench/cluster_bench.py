@@ -26,6 +26,7 @@ import asyncio
 import shlex
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -453,40 +454,44 @@ async def one_run(
     return outcome
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The storm round with the median joins/s, with every round's figures attached."""
-    good = sorted((r for r in runs if "error" not in r), key=lambda r: r["joins_per_s"] or 0)
+def median_round(
+    runs: list[dict[str, Any]],
+    key: Callable[[dict[str, Any]], float],
+    figures: dict[str, Callable[[dict[str, Any]], Any]],
+) -> dict[str, Any]:
+    """The round with the median `key`, with every round's `figures` (and error) attached."""
+    good = sorted((r for r in runs if "error" not in r), key=key)
     if not good:
         return runs[-1]
     chosen = dict(good[(len(good) - 1) // 2])
-    chosen["rounds"] = [
-        {
-            "joins_per_s": r.get("joins_per_s"),
-            "node_cpu_us_per_join": r.get("node_cpu_us_per_join"),
-            "p99_ms": r.get("connect_join_ms", {}).get("p99"),
-            "error": r.get("error"),
-        }
-        for r in runs
-    ]
+    chosen["rounds"] = [{**{name: get(r) for name, get in figures.items()}, "error": r.get("error")} for r in runs]
     return chosen
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The storm round with the median joins/s."""
+    return median_round(
+        runs,
+        lambda r: r["joins_per_s"] or 0,
+        {
+            "joins_per_s": lambda r: r.get("joins_per_s"),
+            "node_cpu_us_per_join": lambda r: r.get("node_cpu_us_per_join"),
+            "p99_ms": lambda r: r.get("connect_join_ms", {}).get("p99"),
+        },
+    )
 
 
 def median_delivery_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fan-out round with the median node CPU per delivery, with every round's figures attached."""
-    good = sorted((r for r in runs if "error" not in r), key=lambda r: r.get("node_cpu_us_per_delivery") or 0)
-    if not good:
-        return runs[-1]
-    chosen = dict(good[(len(good) - 1) // 2])
-    chosen["rounds"] = [
+    """The fan-out round with the median node CPU per delivery."""
+    return median_round(
+        runs,
+        lambda r: r.get("node_cpu_us_per_delivery") or 0,
         {
-            "node_cpu_us_per_delivery": r.get("node_cpu_us_per_delivery"),
-            "p50_ms": r.get("latency_ms", {}).get("p50"),
-            "ack_p50_ms": r.get("publisher", {}).get("ack_ms", {}).get("p50"),
-            "error": r.get("error"),
-        }
-        for r in runs
-    ]
-    return chosen
+            "node_cpu_us_per_delivery": lambda r: r.get("node_cpu_us_per_delivery"),
+            "p50_ms": lambda r: r.get("latency_ms", {}).get("p50"),
+            "ack_p50_ms": lambda r: r.get("publisher", {}).get("ack_ms", {}).get("p50"),
+        },
+    )
 
 
 def rounds_of(scenario: str, args: argparse.Namespace) -> int:

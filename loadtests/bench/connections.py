@@ -19,8 +19,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import multiprocessing
-import os
 import resource
 import socket
 import struct
@@ -31,12 +29,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from loadtests.bench.common import DEFAULT_OUT, environment, log, save, table
+from loadtests.bench.loadgen import WorkerProcesses, install_uvloop
 
 PATH = b"/socket.io/?EIO=4&transport=websocket"
 _KEY = base64.b64encode(b"testpulse-bench!")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ---- limits ------------------------------------------------------------------------------------
@@ -206,8 +205,6 @@ class IdleClient(asyncio.Protocol):
 
 
 def _worker_main(conn: Connection) -> None:
-    from loadtests.bench.loadgen import install_uvloop
-
     install_uvloop()
     asyncio.run(_Worker(conn).serve())
 
@@ -276,29 +273,13 @@ class _Worker:
         return {"open": self.tally.open, "pings": self.tally.pings, "closed": dict(self.tally.closed)}
 
 
-class Generator:
-    """The coordinator's handle on the load-generator processes."""
+class Generator(WorkerProcesses):
+    """The coordinator's handle on the idle-client processes."""
+
+    exit_timeout = 20.0  # tens of thousands of clients to close
 
     def __init__(self, workers: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.procs: list[Any] = []
-        for _ in range(max(1, workers)):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-            proc.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(proc)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    async def _ask(self, commands: list[dict[str, Any]]) -> list[Any]:
-        for pipe, command in zip(self.pipes, commands, strict=True):
-            pipe.send(command)
-        return list(await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in self.pipes)))
+        super().__init__(_worker_main, workers)
 
     async def connect(
         self, url: str, sources: list[str], clients: int, in_flight: int, within: float
@@ -336,36 +317,20 @@ class Generator:
             "closed": dict(closed),
         }
 
-    def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                pipe.send({"op": "exit"})
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, EOFError):
-                if pipe.poll(20):
-                    pipe.recv()
-        for proc in self.procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-
 
 # ---- sampling ----------------------------------------------------------------------------------
 
 
 def proc_usage(pid: int, children: bool = False) -> tuple[float, int]:
     """(CPU seconds, RSS bytes) of a process, with its children's when asked (nginx workers)."""
-    pids = [pid]
-    if children:
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     cpu, rss = 0.0, 0
-    for p in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-            rss += int(fields[21]) * _PAGE
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid)
+        for proc in [parent, *(parent.children() if children else [])]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                rss += proc.memory_info().rss
     return cpu, rss
 
 

@@ -10,6 +10,7 @@ import multiprocessing
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -227,16 +228,19 @@ class _Worker:
         return len(clients)
 
 
-class Pool:
-    """The coordinator's handle on the worker processes."""
+class WorkerProcesses:
+    """Load-generator processes (spawned, each running `target` on its end of a pipe) and the
+    coordinator's side: one command per worker, the answers gathered; `exit` ends them."""
 
-    def __init__(self, workers: int = 2) -> None:
+    exit_timeout = 10.0  # for a worker to close its clients and answer `exit`
+
+    def __init__(self, target: Callable[[Connection], None], workers: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         for _ in range(max(1, workers)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            proc = ctx.Process(target=target, args=(child,), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -250,6 +254,27 @@ class Pool:
         for pipe, command in zip(self.pipes, commands, strict=True):
             pipe.send(command)
         return list(await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in self.pipes)))
+
+    def shutdown(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                pipe.send({"op": "exit"})
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, EOFError):
+                if pipe.poll(self.exit_timeout):
+                    pipe.recv()
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+
+
+class Pool(WorkerProcesses):
+    """The coordinator's handle on the Socket.IO client workers."""
+
+    def __init__(self, workers: int = 2) -> None:
+        super().__init__(_worker_main, workers)
 
     async def broadcast(self, op: str, **kwargs: Any) -> list[Any]:
         return await self._ask([{"op": op, **kwargs} for _ in self.pipes])
@@ -354,17 +379,3 @@ class Pool:
 
     async def close_all(self) -> None:
         await self.broadcast("close_all")
-
-    def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                pipe.send({"op": "exit"})
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, EOFError):
-                if pipe.poll(10):
-                    pipe.recv()
-        for proc in self.procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)

@@ -225,24 +225,30 @@ def run_locust(args: argparse.Namespace, argv: list[str], results: Path, sampler
     return return_code
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.run_time is None:
-        args.run_time = SOAK_RUN_TIME if args.scenario == "soak" else 30.0
+def soak_plan_of(args: argparse.Namespace) -> tuple[SoakPlan, str | None]:
+    """The soak's schedule from its options, and what is wrong with them (None: nothing)."""
+    wrong: str | None = None
     try:
         redis_restart_at = None if args.redis_restart_at in ("off", "none") else float(args.redis_restart_at)
     except ValueError:
-        print("testpulse loadtest: --redis-restart-at must be a fraction of the run or off", file=sys.stderr)
-        return 2
-    soak_plan = SoakPlan(
+        redis_restart_at, wrong = None, "--redis-restart-at must be a fraction of the run or off"
+    plan = SoakPlan(
         run_time=args.run_time,
         restart_every=args.restart_every,
         redis_restart_at=redis_restart_at,
         sample_every=args.sample_every,
     )
+    if args.target:
+        wrong = "soak restarts nodes and Redis: it runs on its own local cluster, not --target"
+    return plan, wrong or plan.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.run_time is None:
+        args.run_time = SOAK_RUN_TIME if args.scenario == "soak" else 30.0
+    soak_plan: SoakPlan | None = None
     if args.scenario == "soak":
-        problem = soak_plan.validate()
-        if args.target:
-            problem = "soak restarts nodes and Redis: it runs on its own local cluster, not --target"
+        soak_plan, problem = soak_plan_of(args)
         if problem:
             print(f"testpulse loadtest soak: {problem}", file=sys.stderr)
             return 2
@@ -298,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"testpulse loadtest: cluster up at {target}: {nodes}", flush=True)
         conductor = None
         soak_problems: list[str] = []
-        if args.scenario == "soak" and cluster is not None:
+        if soak_plan is not None and cluster is not None:
             conductor = Conductor(cluster, soak_plan, results, lambda line: print(line, flush=True))
             conductor.start()
         code = run_locust(args, locust_argv(args, target, results, cluster_json), results, sampler)
