@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from loadtests.bench.common import DEFAULT_OUT, environment, log, save, table
+from loadtests.bench.common import DEFAULT_OUT, Profile, environment, log, save, table
 from loadtests.bench.loadgen import WorkerProcesses, install_uvloop
 
 PATH = b"/socket.io/?EIO=4&transport=websocket"
@@ -423,6 +423,11 @@ async def run(args: argparse.Namespace) -> None:
             last_aux = {name: proc_usage(pid, children=name == "nginx") for name, pid in aux.items()}
             window_cpu = {node: cpu for node, (cpu, _) in last.items()}
             last_t = window_start = time.monotonic()
+            profiles = {
+                node: Profile(pid, args.seconds, args.out / "profiles" / f"connections-{node}.collapsed")
+                for node, pid in node_pids.items()
+                if args.profile
+            }
             while time.monotonic() - window_start < args.seconds:
                 await asyncio.sleep(args.interval)
                 now = time.monotonic()
@@ -450,6 +455,7 @@ async def run(args: argparse.Namespace) -> None:
             gen_stats = await generator.stats()
             metrics1 = {node: await connected_clients(http, url) for node, url in system.node_urls.items()}
             gen_rss = sum(proc_usage(pid)[1] for pid in generator.pids)
+            profiled = {node: p.finish() for node, p in profiles.items()}
         per_node: dict[str, Any] = {}
         for node in node_pids:
             rss = [s[node]["rss_mb"] for s in samples]
@@ -495,6 +501,7 @@ async def run(args: argparse.Namespace) -> None:
             "generator_kb_per_client": round(gen_rss / 1024 / max(1, joined["ok"]), 2),
             "limits": {"nofile": limits, "kernel": kernel_limits(), "ephemeral_ports": ports},
             "samples": samples,
+            "profiles": profiled or None,
             "system": system.describe(),
         }
     finally:
@@ -536,6 +543,10 @@ def render(r: dict[str, Any]) -> str:
         f"RLIMIT_NOFILE needed {r['limits']['nofile']['needed']:,} (was {r['limits']['nofile']['soft_before']:,}),"
         f" ephemeral ports per source/destination pair {r['limits']['ephemeral_ports']:,}",
     ]
+    for node, summary in (r.get("profiles") or {}).items():
+        if summary and "self_pct" in summary:
+            top = ", ".join(f"{name} {pct}%" for name, pct in summary["self_pct"][:8])
+            lines.append(f"{node} profile ({summary['samples']} samples, {summary['file']}): {top}")
     return "\n".join(lines)
 
 
@@ -555,4 +566,7 @@ def register(commands: Any) -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="sampling window")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy every node over the sampling window (<out>/profiles/)"
+    )
     p.set_defaults(run=run)

@@ -124,10 +124,17 @@ LEAN: tuple[Need, ...] = (
     Need(
         _ENGINE, "AsyncServer", assigned=("sockets", "_async", "ping_interval", "ping_timeout", "max_http_buffer_size")
     ),
-    # _SocketTable makes every new socket a NodeSocket where the server registers it.
+    # _SocketTable makes every new socket a NodeSocket where the server registers it; the server
+    # starts its service task there too (LeanEngineServer's, which replaces the stock sweep, and
+    # which shutdown stops through the event it creates).
     Need(
-        _ENGINE, "AsyncServer._handle_connect", source=("async_socket.AsyncSocket(self, sid)", "self.sockets[sid] = s")
+        _ENGINE,
+        "AsyncServer._handle_connect",
+        source=("async_socket.AsyncSocket(self, sid)", "self.sockets[sid] = s", "self._service_task"),
     ),
+    _override(_ENGINE, "AsyncServer._service_task", "self"),
+    Need(_ENGINE, "AsyncServer.shutdown", source=("self.service_task_event.set()", "await self.service_task_handle")),
+    Need("engineio.base_server", "BaseServer.reason.PING_TIMEOUT"),
     Need(_ASGI, "_async", keys=("translate_request", "websocket")),
     _override(_ASGI, "translate_request", "scope", "receive", "send"),
     Need(_ASGI, "WebSocket", assigned=("asgi_send",)),

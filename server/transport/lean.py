@@ -4,8 +4,7 @@ python-engineio gives every WebSocket client a reader that starts a task and a t
 packet, a writer that arms a timer per wake-up, a task that sleeps until the next PING, and an
 asyncio.Queue (four deques). On an idle node that is most of a client's memory, and on a busy one
 a good share of its CPU. Here:
-  - the reader awaits the WebSocket directly; a silent client is still closed by Engine.IO's own
-    service task, which checks every socket's PING deadline;
+  - the reader awaits the WebSocket directly; a silent client is closed by the Pinger below;
   - what is queued for a WebSocket is written at the end of the loop turn by one Flusher per node
     (server/transport/wsprotocol.py's WRITE_NOW: no suspension, every queued packet in one write, each
     packet's frame built once for all its viewers); a writer task runs only while there is more
@@ -13,7 +12,8 @@ a good share of its CPU. Here:
     idle client has none, and a busy one has none to wake up per packet;
   - without WRITE_NOW, the writer waits on the queue without a timer (the queue's None ends it),
     and hands what it finds queued to the server in one write where the server allows;
-  - one Pinger task per node sends every socket's PING when it falls due (a FIFO, no timers);
+  - one Pinger task per node sends every socket's PING when it falls due and closes the socket
+    whose PONG is late (two FIFOs, no timers); the service task only forgets closed sockets;
   - the queue is a deque allocated only while it holds packets.
 The wire protocol is unchanged (Engine.IO v4), long-polling included.
 
@@ -43,6 +43,10 @@ from testpulse.transport.wiremessage import WireMessage, wire_message
 log = logging.getLogger("testpulse.transport.lean")
 
 WRITE_PACKETS_MAX = 1024  # per WebSocket writer wake-up; the rest waits for the next one
+# The Pinger's slot: a PING leaves up to this much after its time, a silent socket is closed up to
+# this much after its deadline. Against a 25 s interval, nothing; one wake-up per socket instead was
+# three quarters of an idle node's CPU (docs/perf/README.md, the idle profiles).
+PING_TICK_SECONDS = 0.05
 _PING = packet.Packet(packet.PING)
 
 
@@ -455,13 +459,17 @@ class Flusher:
 
 
 class Pinger:
-    """Sends each socket's Engine.IO PING when it falls due, from one task per node instead of one
-    sleeping task per connection. Every socket waits the same interval, so due times arrive in
-    the order they were scheduled and a FIFO is the whole timer structure."""
+    """Sends each socket's Engine.IO PING when it falls due, and closes the socket whose PONG has
+    not come `ping_timeout` later, from one task per node instead of one sleeping task per
+    connection. Every socket waits the same interval and the same timeout, so due times arrive in
+    the order they were scheduled and two FIFOs are the whole timer structure."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
         self._due: deque[tuple[float, str]] = deque()
+        # (deadline, sid, the PING's last_ping): a socket still holding that stamp at the deadline
+        # has not answered (its PONG clears last_ping, the next PING sets a new one).
+        self._answers: deque[tuple[float, str, float]] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def schedule(self, sid: str, delay: float) -> None:
@@ -470,24 +478,43 @@ class Pinger:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="testpulse-engineio-pinger")
 
     async def _run(self) -> None:
-        due = self._due
+        due, answers = self._due, self._answers
         try:
-            while due:
-                wait = due[0][0] - time.monotonic()
+            while due or answers:
+                first = min(due[0][0] if due else float("inf"), answers[0][0] if answers else float("inf"))
+                wait = first - time.monotonic()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    # At least a tick: what falls due within it is handled in one wake-up, not
+                    # one each (a PING or a PONG deadline per socket, spread over the interval).
+                    await asyncio.sleep(max(wait, PING_TICK_SECONDS))
                 now = time.monotonic()
                 while due and due[0][0] <= now:
-                    self._ping(due.popleft()[1])
+                    self._ping(due.popleft()[1], now)
+                while answers and answers[0][0] <= now:
+                    _, sid, stamp = answers.popleft()
+                    await self._close_if_silent(sid, stamp)
         finally:
             self._task = None
 
-    def _ping(self, sid: str) -> None:
+    def _ping(self, sid: str, now: float) -> None:
         socket = self._server.sockets.get(sid)
         if socket is None or socket.closing or socket.closed or socket.last_ping is not None:
             return
-        socket.last_ping = time.time()
+        socket.last_ping = stamp = time.time()
         socket.queue.put_nowait(_PING)
+        self._answers.append((now + self._server.ping_timeout, sid, stamp))
+
+    async def _close_if_silent(self, sid: str, stamp: float) -> None:
+        socket = self._server.sockets.get(sid)
+        if socket is None or socket.closing or socket.closed or socket.last_ping != stamp:
+            return
+        log.info("%s: no PONG within the ping timeout, closing", sid)
+        try:
+            # As python-engineio's check_ping_timeout: a CLOSE packet is written (abort=False),
+            # which also tells a half-open peer that it is gone.
+            await socket.close(wait=False, abort=False, reason=self._server.reason.PING_TIMEOUT)
+        except Exception:  # one socket's failure must not stop the PINGs of the others
+            log.exception("%s: closing after the ping timeout failed", sid)
 
 
 class RequestBody:
@@ -572,6 +599,21 @@ class LeanEngineServer(TaggedEngineServer):
 
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
         return PacketQueue()
+
+    async def _service_task(self) -> None:
+        """Forgets closed sockets once per ping timeout; the Pinger closes the silent ones.
+
+        python-engineio's visits one socket every ping_timeout / N seconds, each visit an
+        asyncio.wait_for (a task and a timer, and a wake-up of the loop): 2,500 a second at 50,000
+        idle clients (docs/perf/README.md, the idle profiles). This one is a plain loop every
+        ping_timeout, with no suspension per socket."""
+        self.service_task_event = event = self.create_event()
+        while not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=self.ping_timeout)
+                break
+            for sid in [sid for sid, socket in self.sockets.items() if socket.closed]:
+                self.sockets.pop(sid, None)
 
 
 class _SocketTable(dict[str, Any]):

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from support.nodes import Connect, NodeUnderTest, node_with
 from support.rawclient import RawClient, connected_clients, settles_at
@@ -55,8 +56,8 @@ async def test_the_node_pings_on_schedule_and_drops_a_client_that_stops_answerin
 
         went_mute = time.monotonic()
         await client.listen(answer_pings=False, until=went_mute + 10)
-        # The unanswered PING is at most ~1 s away, its deadline 1 s later, and the service task
-        # that enforces it looks at each socket within the timeout again: well inside 10 s.
+        # The unanswered PING is at most ~1 s away and its deadline 1 s later, when the node's
+        # Pinger closes the socket: well inside 10 s.
         assert client.closed_at is not None, "the node kept a client that stopped answering PINGs"
         await settles_at(lambda: connected_clients(http, beat_node), before, "connected clients after the mute one")
 
@@ -71,3 +72,25 @@ async def test_a_server_side_close_ends_the_websocket_even_if_the_peer_ignores_i
         assert [e["code"] for e in client.events("error")] == ["auth_expired"], client.frames
         assert client.closed_at is not None, "the node left a closed session's WebSocket open"
         await settles_at(lambda: connected_clients(http, beat_node), before, "connected clients after the expiry")
+
+
+async def test_a_long_polling_client_that_stops_polling_is_dropped_at_its_ping_deadline(
+    beat_node: NodeUnderTest,
+) -> None:
+    url = f"{beat_node.url}/socket.io/?EIO=4&transport=polling"
+    async with aiohttp.ClientSession() as http:
+        before = await connected_clients(http, beat_node)
+        async with http.get(url) as resp:
+            opened = await resp.text()
+        sid = orjson.loads(opened[1:])["sid"]
+        connect = "40" + orjson.dumps({"token": beat_node.token("viewer")}).decode()
+        async with http.post(f"{url}&sid={sid}", data=connect) as resp:
+            assert resp.status == 200
+        async with http.get(f"{url}&sid={sid}") as resp:
+            assert (await resp.text()).startswith("40"), "the Socket.IO CONNECT was not accepted"
+        await settles_at(lambda: connected_clients(http, beat_node), before + 1, "connected clients with the poller")
+        # It polls no more: its PING stays queued, unanswered, and the node ends the session at
+        # the PING's deadline (1 s interval + 1 s timeout here).
+        await settles_at(lambda: connected_clients(http, beat_node), before, "connected clients after it went quiet")
+        async with http.get(f"{url}&sid={sid}") as resp:
+            assert resp.status == 400, "the session of a client that stopped polling is still open"
