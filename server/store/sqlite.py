@@ -9,6 +9,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -58,7 +59,7 @@ class SqliteDatabase(Database):
             # Hand transaction control to the "begin" hook below instead of pysqlite's own.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            use_wal(cursor, self.timeout)
             # WAL + NORMAL survives a killed process; only an OS crash may lose the last commits.
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -316,3 +317,21 @@ def _settle(answer: asyncio.Future[Any], result: Any, error: BaseException | Non
         answer.set_exception(error)
     else:
         answer.set_result(result)
+
+
+def use_wal(cursor: sqlite3.Cursor, timeout: float) -> None:
+    """Switch the database file to WAL, waiting up to `timeout` for another connection's lock.
+
+    The switch of a new file takes a lock that SQLite refuses at once, without the busy handler,
+    while another connection holds one: two nodes that open one fresh file at the same moment (a
+    local cluster's first start) saw `database is locked` and one of them failed its start-up. Once
+    the file is in WAL the pragma is a no-op that takes no such lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
