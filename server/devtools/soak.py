@@ -59,8 +59,18 @@ class Series:
             "samples": len(values),
             "resets": len(self.stretches) - 1,
             "growth_per_hour": slope_per_hour(longest),
+            # The second half of the same stretch alone: a warm-up that levels off (caches, pools,
+            # allocator arenas) shows here as ~0, a leak as the same slope as the whole.
+            "growth_per_hour_late": slope_per_hour(later_half(longest)),
             "fitted_over_seconds": round(longest[-1][0] - longest[0][0], 1) if len(longest) > 1 else 0.0,
         }
+
+
+def later_half(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(points) < 2:
+        return points
+    middle = (points[0][0] + points[-1][0]) / 2
+    return [p for p in points if p[0] >= middle]
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
@@ -320,7 +330,8 @@ def render(report: dict[str, Any]) -> str:
         f"soak: {plan['run_time'] / 3600:.2f} h, a node restart every {plan['restart_every']:.0f} s, "
         f"Redis restarted at {plan['redis_restart_at']}, samples every {plan['sample_every']:.0f} s "
         f"({report['witness']} never restarted)",
-        f"{'resource':<22} {'first':>10} {'last':>10} {'peak':>10} {'growth/h':>10}  unit  (fitted over, resets)",
+        f"{'resource':<22} {'first':>10} {'last':>10} {'peak':>10} {'growth/h':>10} {'2nd half/h':>10}  unit"
+        "  (fitted over, resets)",
     ]
     for name, r in report["resources"].items():
 
@@ -329,7 +340,8 @@ def render(report: dict[str, Any]) -> str:
 
         lines.append(
             f"{name:<22} {shown(r['first']):>10} {shown(r['last']):>10} {shown(r['peak']):>10} "
-            f"{shown(r['growth_per_hour']):>10}  {r['unit']:<4}  ({r['fitted_over_seconds']:.0f} s, {r['resets']})"
+            f"{shown(r['growth_per_hour']):>10} {shown(r.get('growth_per_hour_late')):>10}  {r['unit']:<4}"
+            f"  ({r['fitted_over_seconds']:.0f} s, {r['resets']})"
         )
     lines.append(
         f"verdict: {'PASSED' if v['passed'] else 'FAILED'}: acked {v.get('acked')}, stored {v.get('stored')}, "

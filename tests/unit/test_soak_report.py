@@ -43,6 +43,16 @@ def test_growth_is_fitted_over_the_longest_stretch_after_the_warm_up() -> None:
     assert summary_["peak"] == 640.0 and summary_["last"] == 90.0
 
 
+def test_the_second_half_tells_a_warm_up_that_levels_off_from_a_leak() -> None:
+    warming, leaking = Series("MiB"), Series("MiB")
+    for t in range(0, 3660, 60):
+        warming.add(float(t), 100.0 + min(t, 1200) / 60)  # +20 MiB in the first 20 min, then flat
+        leaking.add(float(t), 100.0 + t / 360)  # +10 MiB an hour, all along
+    warm, leak = warming.summary(warm_up=0.0), leaking.summary(warm_up=0.0)
+    assert warm["growth_per_hour"] > 10 and warm["growth_per_hour_late"] == 0.0
+    assert leak["growth_per_hour"] == leak["growth_per_hour_late"] == 10.0
+
+
 def test_a_clean_run_passes() -> None:
     result = verdict(summary(), EVENTS, PLAN, SAMPLED)
     assert result["passed"], result
