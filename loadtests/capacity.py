@@ -64,6 +64,9 @@ class Costs:
     db_cpu_us_per_stored_detection: float | None = None  # PostgreSQL server CPU (not measured on SQLite)
     # Given instead of the fit: the batch a deployment's commit latency makes (docs/capacity.md).
     detections_per_transaction: float | None = None
+    # One connected client's heartbeats and token checks, idle or not: 2.95% of a core for 15,000
+    # (`python -m loadtests.bench connections`, docs/connections.md), unless the section has its own.
+    cpu_us_per_held_connection_per_s: float = 2.0
 
     @classmethod
     def from_section(cls, section: dict[str, Any], redis_fit: str = "spublish_pipelined_1") -> Costs:
@@ -92,6 +95,11 @@ class Costs:
             group_commit_batching_s=section["database"]["group_commit_batching_s"],
             db_bytes_per_detection=size["bytes_per_detection"],
             db_cpu_us_per_stored_detection=(section.get("database_cpu_us") or {}).get("per_stored_detection"),
+            **(
+                {"cpu_us_per_held_connection_per_s": cpu["per_held_connection_per_s"]}
+                if "per_held_connection_per_s" in cpu
+                else {}
+            ),
         )
 
 
@@ -158,7 +166,8 @@ def transactions_per_s(work: Workload, costs: Costs, nodes: int) -> float:
 
 def node_cpu_us(work: Workload, costs: Costs, nodes: int, subscribed: float) -> float:
     """CPU µs per second over all nodes: store transactions and stored detections, Redis messages
-    decoded (every subscribed node but the publisher's own), deliveries and each node's idle work."""
+    decoded (every subscribed node but the publisher's own), deliveries, every held connection's
+    heartbeats and each node's idle work."""
     messages = work.detections_per_s * costs.redis_messages_per_detection
     decoded = messages * subscribed * (1.0 - 1.0 / nodes) if nodes > 1 else 0.0
     return (
@@ -166,6 +175,7 @@ def node_cpu_us(work: Workload, costs: Costs, nodes: int, subscribed: float) -> 
         + work.detections_per_s * costs.cpu_us_per_stored_detection
         + decoded * costs.cpu_us_per_message_decoded
         + work.deliveries_per_s * costs.cpu_us_per_delivery
+        + work.viewers * costs.cpu_us_per_held_connection_per_s
         + nodes * costs.cpu_us_idle_per_node_per_s
     )
 

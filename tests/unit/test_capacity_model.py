@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,9 +62,9 @@ def test_a_given_node_count_reports_its_utilisation() -> None:
     work = Workload(sessions=4, viewers_per_session=25, rate=100)
     result = plan(work, COSTS, Limits(), nodes=3)
     # 133/s stored per node: 2 detections per transaction, 200 transactions/s x 300 µs; 400 detections
-    # x 200 µs; 10,000 deliveries x 20 µs; decoded messages; 3 idle nodes
+    # x 200 µs; 10,000 deliveries x 20 µs; decoded messages; 100 held connections x 2 µs; 3 idle nodes
     decoded = 400 * 3 * (1 - 1 / 3) * 50
-    expected = (200 * 300 + 400 * 200 + 10_000 * 20 + decoded + 3 * 10_000) / 1e6
+    expected = (200 * 300 + 400 * 200 + 10_000 * 20 + decoded + 100 * 2.0 + 3 * 10_000) / 1e6
     assert result.nodes == 3
     assert result.binding == "given"
     assert result.node_cpu_cores == pytest.approx(expected, rel=1e-3)
@@ -90,6 +91,19 @@ def test_memory_binds_when_viewers_are_many_and_quiet() -> None:
     assert result.binding == "node memory"
     assert result.memory_mb_per_node <= 1024
     assert result.nodes == pytest.approx(1_000_000 * 20 / 1024 / 1024, abs=1)
+
+
+def test_held_connections_cost_cpu_even_when_nothing_is_published() -> None:
+    work = Workload(sessions=1000, viewers_per_session=1000, rate=0.0)
+    result = plan(work, replace(COSTS, cpu_us_idle_per_node_per_s=0.0), Limits(), nodes=100)
+    assert result.node_cpu_cores == pytest.approx(1_000_000 * 2.0 / 1e6)
+    assert Costs.from_section(section_with_held_connection_cost(7.5)).cpu_us_per_held_connection_per_s == 7.5
+
+
+def section_with_held_connection_cost(us: float) -> dict[str, Any]:
+    section = json.loads(COSTS_FILE.read_text())["stores"]["sqlite"]
+    section["node_cpu_us"]["per_held_connection_per_s"] = us
+    return section
 
 
 def test_spread_placement_pays_a_message_decode_per_delivery_once_nodes_outnumber_viewers() -> None:
