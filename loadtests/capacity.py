@@ -41,6 +41,12 @@ class Workload:
         return self.sessions * self.viewers_per_session * self.rate
 
 
+# One connected client's heartbeats and token checks per second, idle or not: 2.95% of a core for
+# 15,000 (`python -m loadtests.bench connections`, docs/connections.md), unless a store's section
+# of the costs file has its own.
+HELD_CONNECTION_CPU_US = 2.0
+
+
 @dataclass(frozen=True)
 class Costs:
     """The unit costs the model uses (one store's section of the costs file)."""
@@ -64,9 +70,7 @@ class Costs:
     db_cpu_us_per_stored_detection: float | None = None  # PostgreSQL server CPU (not measured on SQLite)
     # Given instead of the fit: the batch a deployment's commit latency makes (docs/capacity.md).
     detections_per_transaction: float | None = None
-    # One connected client's heartbeats and token checks, idle or not: 2.95% of a core for 15,000
-    # (`python -m loadtests.bench connections`, docs/connections.md), unless the section has its own.
-    cpu_us_per_held_connection_per_s: float = 2.0
+    cpu_us_per_held_connection_per_s: float = HELD_CONNECTION_CPU_US
 
     @classmethod
     def from_section(cls, section: dict[str, Any], redis_fit: str = "spublish_pipelined_1") -> Costs:
@@ -95,11 +99,7 @@ class Costs:
             group_commit_batching_s=section["database"]["group_commit_batching_s"],
             db_bytes_per_detection=size["bytes_per_detection"],
             db_cpu_us_per_stored_detection=(section.get("database_cpu_us") or {}).get("per_stored_detection"),
-            **(
-                {"cpu_us_per_held_connection_per_s": cpu["per_held_connection_per_s"]}
-                if "per_held_connection_per_s" in cpu
-                else {}
-            ),
+            cpu_us_per_held_connection_per_s=cpu.get("per_held_connection_per_s", HELD_CONNECTION_CPU_US),
         )
 
 

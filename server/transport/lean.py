@@ -471,6 +471,7 @@ class Pinger:
         # has not answered (its PONG clears last_ping, the next PING sets a new one).
         self._answers: deque[tuple[float, str, float]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def schedule(self, sid: str, delay: float) -> None:
         self._due.append((time.monotonic() + delay, sid))
@@ -492,7 +493,7 @@ class Pinger:
                     self._ping(due.popleft()[1], now)
                 while answers and answers[0][0] <= now:
                     _, sid, stamp = answers.popleft()
-                    await self._close_if_silent(sid, stamp)
+                    self._close_if_silent(sid, stamp)
         finally:
             self._task = None
 
@@ -504,17 +505,24 @@ class Pinger:
         socket.queue.put_nowait(_PING)
         self._answers.append((now + self._server.ping_timeout, sid, stamp))
 
-    async def _close_if_silent(self, sid: str, stamp: float) -> None:
+    def _close_if_silent(self, sid: str, stamp: float) -> None:
         socket = self._server.sockets.get(sid)
         if socket is None or socket.closing or socket.closed or socket.last_ping != stamp:
             return
         log.info("%s: no PONG within the ping timeout, closing", sid)
+        # In a task of its own: a close runs the disconnect handlers, and the PINGs of the other
+        # sockets (thousands silent at once behind a partition) must not wait for them.
+        task = asyncio.get_running_loop().create_task(self._close(socket))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, socket: Any) -> None:
         try:
             # As python-engineio's check_ping_timeout: a CLOSE packet is written (abort=False),
             # which also tells a half-open peer that it is gone.
             await socket.close(wait=False, abort=False, reason=self._server.reason.PING_TIMEOUT)
-        except Exception:  # one socket's failure must not stop the PINGs of the others
-            log.exception("%s: closing after the ping timeout failed", sid)
+        except Exception:  # logged here: the task has no one to raise to
+            log.exception("%s: closing after the ping timeout failed", socket.sid)
 
 
 class RequestBody:
