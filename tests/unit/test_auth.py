@@ -11,6 +11,7 @@ import jwt
 import pytest
 
 from testpulse.domain.auth import Action, AuthError, Principal, Role, TokenVerifier, issue_token, parse_ttl
+from testpulse.domain.keyring import Fetched, Keyring
 from testpulse.domain.protocol import ErrorCode, ProtocolError
 from testpulse.settings import Settings
 
@@ -152,6 +153,43 @@ async def test_missing_required_claim_is_auth_invalid(claim: str) -> None:
 )
 async def test_claim_of_the_wrong_shape_is_auth_invalid(override: dict[str, Any]) -> None:
     assert await refusal(sign(claims(**override))) == "auth_invalid"
+
+
+class NoKeys:
+    """A JWK Set with no keys: a verifier given it reads every header first (the JWKS path)."""
+
+    async def fetch(self) -> Fetched:
+        return Fetched(b'{"keys": []}', None)
+
+
+async def outcome(verifier: TokenVerifier, token: object) -> tuple[str, str] | Principal:
+    try:
+        return await verifier.verify(token)
+    except AuthError as exc:
+        return exc.code, exc.message
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "a.b.c",
+        "eyJhbGciOiJIUzI1NiJ9.e30",
+        unsigned(claims()),
+        sign(claims(), alg="HS512"),
+        sign(claims(), key="another-secret-" + "0123456789abcdef" * 4),
+        sign(claims(exp=int(time.time()) - 60)),
+        sign(claims(role="superuser")),
+        sign(claims(nbf=int(time.time()) + 600)),
+        sign(claims()),
+    ],
+    ids=["garbage", "three-parts", "two-parts", "alg-none", "hs512", "bad-signature", "expired", "role", "nbf", "good"],
+)
+async def test_hmac_alone_skips_the_header_read_and_answers_as_the_header_first_path(token: str) -> None:
+    # With HMAC only, the verifier leaves the `alg` check to PyJWT (no header read first); a
+    # configured key set forces the header-first path. Both must answer every token alike.
+    header_first = TokenVerifier(SETTINGS, Keyring(NoKeys(), refresh_seconds=300))
+    assert await outcome(TokenVerifier(SETTINGS), token) == await outcome(header_first, token)
 
 
 AUDIENCE_SETTINGS = Settings(jwt_secret=SECRET, jwt_audience="testpulse")
