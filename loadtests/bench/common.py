@@ -209,9 +209,14 @@ def py_spy_binary() -> str | None:
 
 
 class Profile:
-    """`py-spy record` of one process for a few seconds (raw collapsed stacks), summarised."""
+    """`py-spy record` of one process for a few seconds (raw collapsed stacks), summarised.
 
-    def __init__(self, pid: int, seconds: float, out: Path) -> None:
+    `gil`: only the samples of a thread that holds the GIL, which is the process's Python CPU. Without
+    it py-spy also counts some waits as work (the event loop's epoll, a worker thread's queue.get),
+    so shares read as wall time; with it, C code that releases the GIL (sqlite3's own work) is left
+    out. The loop's socket writes hold the GIL (uvloop calls send() with it held), so they stay in."""
+
+    def __init__(self, pid: int, seconds: float, out: Path, *, gil: bool = False) -> None:
         self.out = out
         binary = py_spy_binary()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -223,6 +228,7 @@ class Profile:
             [
                 *(binary, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"),
                 *("--format", "raw", "--threads", "--output", str(out), "--nonblocking"),
+                *(["--gil"] if gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
