@@ -59,17 +59,20 @@ class RedisClients:
         """A Redis Cluster: new() makes RedisCluster clients, and pub/sub is sharded (server/bus/cluster.py)."""
         return self._cluster_login is not None
 
-    def new(self) -> Any:
+    def new(self, **overrides: Any) -> Any:
         """A client with a pool of its own (a pub/sub connection is dropped whole when it goes deaf):
-        an aioredis.Redis, or a RedisCluster for a Redis Cluster URL (same command methods)."""
+        an aioredis.Redis, or a RedisCluster for a Redis Cluster URL (same command methods).
+        `overrides` replace the constructor's options for this client alone."""
+        options = self._options | overrides
         if self._cluster_login is not None:
-            options = {k: v for k, v in self._options.items() if k not in _PLAIN_ONLY_OPTIONS}
+            options = {k: v for k, v in options.items() if k not in _PLAIN_ONLY_OPTIONS}
             seeds = [ClusterNode(host, port) for host, port in self._seeds]
             return RedisCluster(startup_nodes=seeds, **self._cluster_login, **options)
         if self._sentinel is not None:
-            client: aioredis.Redis = self._sentinel.master_for(self._service, **self._master_options)
+            # The Sentinel holds the options already; these reach the master's connections only.
+            client: aioredis.Redis = self._sentinel.master_for(self._service, **self._master_options, **overrides)
             return client
-        return aioredis.Redis.from_url(self.url, **self._options)
+        return aioredis.Redis.from_url(self.url, **options)
 
     def shard(self, host: str, port: int) -> aioredis.Redis:
         """A plain client of one Redis Cluster master (a pub/sub connection pinned to that shard),

@@ -27,8 +27,8 @@ async def one_viewer_per_node(viewers: Watch, cluster: RunningCluster, session_i
     return await viewers(session_id, [n.url for n in cluster.nodes])
 
 
-async def statuses(cluster: RunningCluster, path: str) -> dict[str, int | None]:
-    return {n.id: await http_status(f"{n.url}{path}") for n in cluster.nodes}
+async def statuses(cluster: RunningCluster, path: str, timeout: float = 2.0) -> dict[str, int | None]:
+    return {n.id: await http_status(f"{n.url}{path}", timeout) for n in cluster.nodes}
 
 
 async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
@@ -72,6 +72,54 @@ async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_n
     finally:
         await publisher.stop()
     assert resumed_after <= 7
+    await finish_publishing(publisher, watching, cluster)
+
+
+async def test_a_redis_that_stops_answering_holds_up_no_node_and_loses_nothing_once_it_answers_again(
+    cluster: RunningCluster, redis: RedisServer, open_client: OpenClient, viewers: Watch
+) -> None:
+    # SIGSTOP: every connection to Redis stays open and nothing answers. Each command a node sends
+    # must give up on its own deadline (publishes, probes, health, presence), not wait for ever.
+    home = cluster.nodes[0]
+    operator = await open_client(home.url, "operator")
+    session_id = (await operator.ok("start_test_session", {"name": "redis-frozen"}))["session"]["id"]
+    watching = await one_viewer_per_node(viewers, cluster, session_id)
+    local, remote = watching[0], watching[1:]
+    assert local.node == home.id
+    publisher = Publisher(await open_client(home.url, "detector"), session_id, interval=0.01).start()
+    try:
+        await publisher.wait_acked(20)
+        for viewer in watching:
+            await viewer.wait_for_seq(20)
+
+        redis.freeze()
+        try:
+            frozen_at_seq = publisher.acked[-1]
+            # Acks and local delivery go on: neither waits for Redis.
+            await local.wait_for_seq(frozen_at_seq + 150, deadline=15)
+
+            async def not_ready() -> bool:
+                # Its Redis check waits out the node's Redis timeout (2 s) before it says 503.
+                return set((await statuses(cluster, "/ready", timeout=5.0)).values()) == {503}
+
+            await wait_until(not_ready, deadline=15, what="every node's /ready to be 503 while Redis is frozen")
+            assert set((await statuses(cluster, "/health")).values()) == {200}
+        finally:
+            redis.thaw()
+        thawed_at = time.monotonic()
+        target = publisher.acked[-1]
+        for viewer in remote:
+            await viewer.wait_for_seq(target, deadline=15)
+        caught_up_after = time.monotonic() - thawed_at
+
+        async def ready() -> bool:
+            return set((await statuses(cluster, "/ready")).values()) == {200}
+
+        await wait_until(ready, deadline=15, what="every node's /ready to be 200 after Redis answers again")
+        await publisher.wait_acked(len(publisher.acked) + 30)
+    finally:
+        await publisher.stop()
+    assert caught_up_after <= 15
     await finish_publishing(publisher, watching, cluster)
 
 

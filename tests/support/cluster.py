@@ -295,10 +295,10 @@ async def stored_events(base_url: str, headers: Mapping[str, str], session_id: s
                 return events
 
 
-async def http_status(url: str) -> int | None:
-    """The status of GET `url`, or None when nothing answers within 2 s."""
+async def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status of GET `url`, or None when nothing answers within `timeout` seconds."""
     try:
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        async with httpx.AsyncClient(timeout=timeout) as http:
             return (await http.get(url)).status_code
     except httpx.HTTPError:
         return None

@@ -459,6 +459,17 @@ class RedisServer:
             self.process._signal_group(signal.SIGKILL)
         await self.stop(5.0)
 
+    def freeze(self) -> None:
+        """SIGSTOP: Redis stops answering, yet every connection stays open and the kernel still
+        accepts new ones (a hung server, or a partition that drops packets rather than refusing)."""
+        assert self.process is not None and self.process.running, "redis-server is not running"
+        self.process._signal_group(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after freeze(): Redis answers what queued up meanwhile."""
+        assert self.process is not None, "redis-server was never started"
+        self.process._signal_group(signal.SIGCONT)
+
 
 @asynccontextmanager
 async def run_redis(port: int | None = None, *, workdir: Path | None = None) -> AsyncIterator[RedisServer]:
