@@ -27,8 +27,8 @@ async def one_viewer_per_node(viewers: Watch, cluster: RunningCluster, session_i
     return await viewers(session_id, [n.url for n in cluster.nodes])
 
 
-async def statuses(cluster: RunningCluster, path: str, timeout: float = 2.0) -> dict[str, int | None]:
-    return {n.id: await http_status(f"{n.url}{path}", timeout) for n in cluster.nodes}
+async def statuses(cluster: RunningCluster, path: str, patience: float = 2.0) -> dict[str, int | None]:
+    return {n.id: await http_status(f"{n.url}{path}", patience) for n in cluster.nodes}
 
 
 async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
@@ -100,7 +100,7 @@ async def test_a_redis_that_stops_answering_holds_up_no_node_and_loses_nothing_o
 
             async def not_ready() -> bool:
                 # Its Redis check waits out the node's Redis timeout (2 s) before it says 503.
-                return set((await statuses(cluster, "/ready", timeout=5.0)).values()) == {503}
+                return set((await statuses(cluster, "/ready", patience=5.0)).values()) == {503}
 
             await wait_until(not_ready, deadline=15, what="every node's /ready to be 503 while Redis is frozen")
             assert set((await statuses(cluster, "/health")).values()) == {200}

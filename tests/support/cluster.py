@@ -295,10 +295,10 @@ async def stored_events(base_url: str, headers: Mapping[str, str], session_id: s
                 return events
 
 
-async def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The status of GET `url`, or None when nothing answers within `timeout` seconds."""
+async def http_status(url: str, patience: float = 2.0) -> int | None:
+    """The status of GET `url`, or None when nothing answers within `patience` seconds."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=patience) as http:
             return (await http.get(url)).status_code
     except httpx.HTTPError:
         return None
