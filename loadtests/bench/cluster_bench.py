@@ -801,8 +801,9 @@ def _commit_p50_ms(run: dict[str, Any]) -> float:
 
 def node_targets(res: dict[str, dict[str, Any]], *, postgres: bool, batched: bool) -> list[str]:
     """The targets against Node.js socket.io in the same run: latency and ack p50 within Node's + 1 ms
-    (+ one commit on PostgreSQL, printed beside), CPU per delivery and per join at most 0.8x Node's,
-    joins/s at least 1.3x, the highest sustained rate at least 1.5x (3x batched)."""
+    on SQLite and within Node's + one commit on PostgreSQL (printed beside), CPU per delivery and
+    per join at most 0.8x Node's, joins/s at least 1.3x, the highest sustained rate at least 1.5x
+    (3x batched)."""
     lines: list[str] = []
 
     def pair(scenario: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -815,9 +816,10 @@ def node_targets(res: dict[str, dict[str, Any]], *, postgres: bool, batched: boo
 
     tp, nd = pair("fanout")
     if tp and nd:
+        # On PostgreSQL the allowance is one durable commit instead of the 1 ms (the issue's terms).
         commit = _commit_p50_ms(tp) if postgres else 0.0
-        allowance = 1.0 + commit
-        why = f"node's + 1 ms + one commit ({commit:.2f} ms, the node's own p50)" if postgres else "node's + 1 ms"
+        allowance = commit if postgres else 1.0
+        why = f"node's + one commit ({commit:.2f} ms, the node's own p50)" if postgres else "node's + 1 ms"
         for label, a, b in (
             ("delivery latency p50", tp["latency_ms"]["p50"], nd["latency_ms"]["p50"]),
             ("publish ack p50", tp["publisher"]["ack_ms"]["p50"], nd["publisher"]["ack_ms"]["p50"]),
