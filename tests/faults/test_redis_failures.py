@@ -31,30 +31,47 @@ async def statuses(cluster: RunningCluster, path: str, patience: float = 2.0) ->
     return {n.id: await http_status(f"{n.url}{path}", patience) for n in cluster.nodes}
 
 
-async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
-    cluster: RunningCluster, redis: RedisServer, open_client: OpenClient, viewers: Watch
-) -> None:
+async def every_node_answers(cluster: RunningCluster, path: str, status: int, patience: float = 2.0) -> bool:
+    return set((await statuses(cluster, path, patience)).values()) == {status}
+
+
+async def publishing_to_every_node(
+    cluster: RunningCluster, open_client: OpenClient, viewers: Watch, name: str
+) -> tuple[list[Viewer], Publisher]:
+    """A session started on the first node, a viewer straight on each node (the first node's one
+    first), and a detector on the first node publishing every 10 ms, already delivered everywhere."""
     home = cluster.nodes[0]
     operator = await open_client(home.url, "operator")
-    session_id = (await operator.ok("start_test_session", {"name": "redis-restart"}))["session"]["id"]
+    session_id = (await operator.ok("start_test_session", {"name": name}))["session"]["id"]
     watching = await one_viewer_per_node(viewers, cluster, session_id)
-    local, remote = watching[0], watching[1:]
-    assert local.node == home.id
+    assert watching[0].node == home.id
     publisher = Publisher(await open_client(home.url, "detector"), session_id, interval=0.01).start()
     try:
         await publisher.wait_acked(20)
         for viewer in watching:
             await viewer.wait_for_seq(20)
+    except BaseException:
+        await publisher.stop()
+        raise
+    return watching, publisher
 
+
+async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_node_delivery_within_7s(
+    cluster: RunningCluster, redis: RedisServer, open_client: OpenClient, viewers: Watch
+) -> None:
+    watching, publisher = await publishing_to_every_node(cluster, open_client, viewers, "redis-restart")
+    local, remote = watching[0], watching[1:]
+    try:
         await redis.kill()
         down_at_seq = publisher.acked[-1]
         # Local delivery never stops: the viewer on the publisher's node keeps receiving.
         await local.wait_for_seq(down_at_seq + 150, deadline=15)
 
-        async def not_ready() -> bool:
-            return set((await statuses(cluster, "/ready")).values()) == {503}
-
-        await wait_until(not_ready, deadline=10, what="every node's /ready to be 503 while Redis is down")
+        await wait_until(
+            lambda: every_node_answers(cluster, "/ready", 503),
+            deadline=10,
+            what="every node's /ready to be 503 while Redis is down",
+        )
         assert set((await statuses(cluster, "/health")).values()) == {200}
 
         await redis.start()
@@ -64,10 +81,11 @@ async def test_redis_restart_mid_stream_keeps_local_delivery_and_resumes_cross_n
             await viewer.wait_for_seq(target, deadline=max(0.1, up_at + 7 - time.monotonic()))
         resumed_after = time.monotonic() - up_at
 
-        async def ready() -> bool:
-            return set((await statuses(cluster, "/ready")).values()) == {200}
-
-        await wait_until(ready, deadline=10, what="every node's /ready to be 200 after Redis is back")
+        await wait_until(
+            lambda: every_node_answers(cluster, "/ready", 200),
+            deadline=10,
+            what="every node's /ready to be 200 after Redis is back",
+        )
         await publisher.wait_acked(len(publisher.acked) + 30)
     finally:
         await publisher.stop()
@@ -80,46 +98,35 @@ async def test_a_redis_that_stops_answering_holds_up_no_node_and_loses_nothing_o
 ) -> None:
     # SIGSTOP: every connection to Redis stays open and nothing answers. Each command a node sends
     # must give up on its own deadline (publishes, probes, health, presence), not wait for ever.
-    home = cluster.nodes[0]
-    operator = await open_client(home.url, "operator")
-    session_id = (await operator.ok("start_test_session", {"name": "redis-frozen"}))["session"]["id"]
-    watching = await one_viewer_per_node(viewers, cluster, session_id)
+    watching, publisher = await publishing_to_every_node(cluster, open_client, viewers, "redis-frozen")
     local, remote = watching[0], watching[1:]
-    assert local.node == home.id
-    publisher = Publisher(await open_client(home.url, "detector"), session_id, interval=0.01).start()
     try:
-        await publisher.wait_acked(20)
-        for viewer in watching:
-            await viewer.wait_for_seq(20)
-
         redis.freeze()
         try:
             frozen_at_seq = publisher.acked[-1]
             # Acks and local delivery go on: neither waits for Redis.
             await local.wait_for_seq(frozen_at_seq + 150, deadline=15)
 
-            async def not_ready() -> bool:
-                # Its Redis check waits out the node's Redis timeout (2 s) before it says 503.
-                return set((await statuses(cluster, "/ready", patience=5.0)).values()) == {503}
-
-            await wait_until(not_ready, deadline=15, what="every node's /ready to be 503 while Redis is frozen")
+            # A node's Redis check waits out its Redis timeout (2 s) before it says 503.
+            await wait_until(
+                lambda: every_node_answers(cluster, "/ready", 503, patience=5.0),
+                deadline=15,
+                what="every node's /ready to be 503 while Redis is frozen",
+            )
             assert set((await statuses(cluster, "/health")).values()) == {200}
         finally:
             redis.thaw()
-        thawed_at = time.monotonic()
         target = publisher.acked[-1]
         for viewer in remote:
             await viewer.wait_for_seq(target, deadline=15)
-        caught_up_after = time.monotonic() - thawed_at
-
-        async def ready() -> bool:
-            return set((await statuses(cluster, "/ready")).values()) == {200}
-
-        await wait_until(ready, deadline=15, what="every node's /ready to be 200 after Redis answers again")
+        await wait_until(
+            lambda: every_node_answers(cluster, "/ready", 200),
+            deadline=15,
+            what="every node's /ready to be 200 after Redis answers again",
+        )
         await publisher.wait_acked(len(publisher.acked) + 30)
     finally:
         await publisher.stop()
-    assert caught_up_after <= 15
     await finish_publishing(publisher, watching, cluster)
 
 
